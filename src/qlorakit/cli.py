@@ -1,0 +1,68 @@
+"""The `qlorakit` command line: one subcommand per pipeline, no logic of its own.
+
+Each subcommand lives in `qlorakit.commands.<name>` and exposes `register(subparsers)`, which adds
+its parser and sets `func=run`. Modules are imported lazily so `qlorakit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qlorakit.errors import QLoraKitError
+
+# name -> module; order is the order shown in --help.
+COMMANDS: dict[str, str] = {
+    "train": "qlorakit.commands.train",
+    "quantize": "qlorakit.commands.quantize",
+    "generate": "qlorakit.commands.generate",
+    "chat": "qlorakit.commands.chat",
+    "merge": "qlorakit.commands.merge",
+    "export": "qlorakit.commands.export",
+    "eval": "qlorakit.commands.evaluate",
+    "estimate": "qlorakit.commands.estimate",
+    "compare": "qlorakit.commands.compare",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; with `only`, import just that subcommand's module."""
+    parser = argparse.ArgumentParser(prog="qlorakit", description="QLoRA fine-tuning on small hardware.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a subcommand that is not part of this build
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argv[0] if argv and not argv[0].startswith("-") else None
+    if first is None and not argv:
+        argv = ["train"]  # `qlorakit` alone runs the embedded default demo, like `qlorakit train`
+        first = "train"
+    parser = build_parser(only=first if first in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QLoraKitError as exc:
+        print(f"qlorakit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qlorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
