@@ -1,0 +1,331 @@
+"""One typed, frozen configuration tree for every pipeline.
+
+YAML files and `--section.key=value` overrides only *fill* these dataclasses; nothing reads settings any
+other way. `load_config` checks every key and type and every cross-field rule, and reports all problems
+at once in a single `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qlorakit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """A local Hugging Face folder, a local .gguf file, or the built-in name `smollm2-135m`."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust the source."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    enabled: bool = True
+    """Store the frozen base in 4 bits (QLoRA). False trains 16-bit LoRA on a plain base."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """`auto`: bf16 where the device computes it natively, else fp32."""
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Linear layers kept in 16 bits (name suffixes)."""
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    """Module-name suffixes, a regex string, or `all-linear` (every linear layer but the output head)."""
+    exclude_modules: list[str] = field(default_factory=list)
+    layers_to_transform: list[int] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["default", "gaussian"] = "default"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: str = "builtin"
+    """A JSON/JSONL/text file, a `datasets` folder saved with save_to_disk, or `builtin`."""
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
+    weight: float = 1.0
+    """Relative sampling weight when several datasets are mixed."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
+    val_path: str | None = None
+    """A separate validation file; otherwise `val_ratio` of the training rows are held out."""
+    val_ratio: float = 0.1
+    template: Literal["auto", "chat", "alpaca", "text"] = "auto"
+    """`auto`: the tokenizer's chat template when it has one, else the Alpaca template."""
+    max_length: int = 512
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Rows longer than max_length are cut on the right (`truncate`) or left out (`drop`)."""
+    train_on_prompt: bool = False
+    packing: bool = False
+    skip_invalid: bool = False
+    max_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 60
+    """Optimizer steps. With `epochs` set, the smaller of the two limits wins."""
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 0.3
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    eval_every: int = 20
+    eval_batches: int | None = None
+    early_stopping_patience: int | None = None
+    log_every: int = 1
+    save_every: int = 20
+    keep_last: int = 2
+    resume: str = "never"
+    """`never`, `auto` (newest valid checkpoint in the output folder), or a checkpoint folder."""
+    num_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/qlorakit-default"
+    tensorboard: bool = True
+    """Also log to TensorBoard when the `tensorboard` package is installed."""
+    plot: bool = True
+    samples: int = 4
+    """Held-out examples generated before and after training for the summary."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Filling the tree from plain data (YAML / overrides), with every error collected.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Check `value` against annotation `tp`; return the converted value (errors appended, not raised)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            trial: list[str] = []
+            result = _coerce(value, option, key, trial)
+            if not trial:
+                return result
+        errors.append(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return []
+        return [_coerce(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {value!r}")
+            return {}
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", errors) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config annotation {tp!r} at {key} is not supported")  # internal invariant
+
+
+def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(f"{where}: expected a mapping of keys, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            errors.append(f"{prefix + '.' if prefix else ''}{key}: unknown key (known: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix + '.' if prefix else ''}{name}", errors)
+    try:
+        return cls(**kwargs)
+    except TypeError:  # only reachable after a reported type error left a bad value
+        return cls()
+
+
+def _check_rules(cfg: Config) -> list[str]:
+    """Cross-field rules and value ranges that types cannot express."""
+    errs: list[str] = []
+    q, lo, d, t = cfg.quant, cfg.lora, cfg.data, cfg.train
+    if not (32 <= q.blocksize <= 4096 and q.blocksize & (q.blocksize - 1) == 0):
+        errs.append(f"quant.blocksize: must be a power of two in 32..4096, got {q.blocksize}")
+    if lo.r <= 0:
+        errs.append(f"lora.r: must be a positive integer, got {lo.r}")
+    if not 0.0 <= lo.dropout < 1.0:
+        errs.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    for name, rank in lo.rank_pattern.items():
+        if rank <= 0:
+            errs.append(f"lora.rank_pattern.{name}: must be a positive integer, got {rank}")
+    if not d.datasets:
+        errs.append("data.datasets: needs at least one dataset")
+    for i, spec in enumerate(d.datasets):
+        if spec.weight <= 0:
+            errs.append(f"data.datasets[{i}].weight: must be > 0, got {spec.weight}")
+    if not 0.0 <= d.val_ratio < 1.0:
+        errs.append(f"data.val_ratio: must be in [0, 1), got {d.val_ratio}")
+    if d.max_length < 8:
+        errs.append(f"data.max_length: must be at least 8, got {d.max_length}")
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "eval_every", "keep_last"):
+        if getattr(t, key) <= 0:
+            errs.append(f"train.{key}: must be a positive integer, got {getattr(t, key)}")
+    if t.lr <= 0:
+        errs.append(f"train.lr: must be > 0, got {t.lr}")
+    if t.epochs is not None and t.epochs <= 0:
+        errs.append(f"train.epochs: must be > 0, got {t.epochs}")
+    if t.warmup_steps < 0:
+        errs.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        errs.append(f"train.max_grad_norm: must be > 0 or null (no clipping), got {t.max_grad_norm}")
+    if t.early_stopping_patience is not None and t.early_stopping_patience <= 0:
+        errs.append(f"train.early_stopping_patience: must be a positive integer, got {t.early_stopping_patience}")
+    if t.early_stopping_patience is not None and d.val_ratio == 0 and d.val_path is None:
+        errs.append("train.early_stopping_patience: needs validation data (data.val_ratio > 0 or data.val_path)")
+    if d.packing and d.truncation == "drop":
+        errs.append("data.packing: packed rows are cut at max_length; use data.truncation=truncate with packing")
+    if q.compute_dtype == "float16" and q.enabled is False:
+        errs.append("quant.compute_dtype: float16 only applies to a 4-bit base (quant.enabled=true)")
+    return errs
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`--train.lr=1e-4` or `train.lr=1e-4` -> (["train", "lr"], 0.0001); values are parsed as YAML."""
+    import yaml
+
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r}: expected --section.key=value (e.g. --train.lr=1e-4)")
+    key, raw = body.split("=", 1)
+    path = [p.replace("-", "_") for p in key.split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = (), source: str = "config") -> Config:
+    """Fill `Config` from a plain mapping plus overrides; raise one ConfigError listing every problem."""
+    import copy
+
+    merged: dict[str, Any] = copy.deepcopy(data) if data else {}
+    errors: list[str] = []
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    cfg = _build(Config, merged, "", errors)
+    if not errors:
+        errors.extend(_check_rules(cfg))
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"{source}: {len(errors)} problem(s):\n{lines}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or only defaults when `path` is None) and apply `--section.key=value` overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, quant, lora, ...)")
+        data = loaded or {}
+    return config_from_dict(data, overrides, source=source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config (for writing the resolved config next to the outputs)."""
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy of `cfg` with whole sections replaced (configs are frozen)."""
+    return dataclasses.replace(cfg, **sections)
