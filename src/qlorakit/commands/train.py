@@ -1,0 +1,108 @@
+"""`qlorakit train [CONFIG.yaml] [--section.key=value ...] [--resume]`.
+
+With no arguments it fine-tunes the built-in default: `smollm2-135m` in NF4 + double quantization with
+LoRA on every linear layer, on the built-in instruction dataset, into `runs/qlorakit-default`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import re
+import typing
+from typing import Any
+
+_OVERRIDE = re.compile(r"^--[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")
+
+
+def is_override(arg: str) -> bool:
+    """`--section.key=value` (at least one dot, an `=`)."""
+    return bool(_OVERRIDE.match(arg))
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """(class name, field) -> the docstring written under the field in config.py."""
+    from qlorakit import config
+
+    docs: dict[tuple[str, str], str] = {}
+    tree = ast.parse(inspect.getsource(config))
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        body = node.body
+        for a, b in zip(body, body[1:], strict=False):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
+                docs[(node.name, a.target.id)] = " ".join(b.value.value.split())
+    return docs
+
+
+def config_help() -> str:
+    """Every `--section.key` with its default and description (from the config dataclasses)."""
+    from qlorakit.config import Config
+
+    docs = _field_docs()
+    lines = ["configuration keys (YAML sections, or --section.key=value overrides):"]
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        default = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            text = f"  --{section.name}.{f.name}={value!r}"
+            doc = docs.get((cls.__name__, f.name))
+            lines.append(text if doc is None else f"{text}\n        {doc}")
+    return "\n".join(lines)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        usage="qlorakit train [-h] [--resume] [CONFIG.yaml] [--section.key=value ...]",
+        help="fine-tune a LoRA adapter on a 4-bit base (QLoRA)",
+        description=__doc__,
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help="a YAML config file (default: the built-in demo settings)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint (= --train.resume=auto)",
+    )
+    parser.set_defaults(func=run, overrides=[])
+    _accept_overrides(parser)
+
+
+def _accept_overrides(parser: argparse.ArgumentParser) -> None:
+    """Let `--section.key=value` through argparse (any other unknown option stays an error)."""
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        args = list(args or [])
+        overrides = [a for a in args if is_override(a)]
+        ns, extra = parse_known(args=[a for a in args if not is_override(a)], namespace=namespace)
+        ns.overrides = overrides
+        return ns, extra
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlorakit.config import load_config
+    from qlorakit.train.recipe import run_training
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("--train.resume=auto")
+    cfg = load_config(args.config, overrides)
+    outcome = run_training(cfg)
+    if outcome.stop_reason == "signal" and outcome.signal is not None:
+        return 128 + outcome.signal
+    return 0

