@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -113,6 +114,7 @@ def test_generate_16bit_sampling_and_errors(setup, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chat_repl_streams_switches_and_keeps_history(setup):
     """Drive `qlorakit chat` through a pipe, as a user's terminal would."""
     from qlorakit.data import Message
@@ -151,11 +153,25 @@ def test_chat_repl_streams_switches_and_keeps_history(setup):
     assert len({r1, r2, r3}) == 3
 
 
-def test_chat_16bit_reads_until_end_of_input(setup):
-    cmd = [sys.executable, "-m", "qlorakit", "chat", str(setup / "base"), "--16bit", "--max-new-tokens", "4"]
-    proc = subprocess.run(cmd, input="hi\n/adapters\n", capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.endswith("[loaded: none; active: base]\n")
+def test_chat_16bit_in_process_reads_until_end_of_input(setup, capsys, monkeypatch):
+    from qlorakit.data import Message
+    from qlorakit.eval.generation import GenerationSettings
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\n/adapters\n/help\nhi again\n"))
+    assert (
+        main(["chat", str(setup / "base"), "--16bit", "--max-new-tokens", "4", "--system", "Be brief."]) == 0
+    )
+    srv = server(setup, four_bit=False)
+    settings = GenerationSettings(max_new_tokens=4)
+    system, hi = Message("system", "Be brief."), Message("user", "hi")
+    r1 = srv.generate([system, hi], None, settings)
+    r2 = srv.generate(
+        [system, hi, Message("assistant", r1.strip()), Message("user", "hi again")], None, settings
+    )
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{r1}\n[loaded: none; active: base]\n[commands: /adapter NAME")
+    assert captured.out.endswith(f"]\n{r2}\n")
+    assert "[chat with" in captured.err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,6 +204,15 @@ def test_merge_command_wrong_base(setup, tmp_path, capsys):
     assert "error" in err and "different base model" in err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "other-adapter"]
+    results = tmp_path / "results.json"
+    data = str(setup / "val.jsonl")
+    assert (
+        main(["eval", str(setup / "base"), "--adapter", str(adapter), "--data", data, "--out", str(results)])
+        == 2
+    )
+    assert "different base model" in capsys.readouterr().err and not results.exists()
+    assert main(["generate", str(setup / "base"), "--adapter", str(adapter), "--prompt", PROMPT]) == 2
+    assert "different base model" in capsys.readouterr().err
 
 
 def test_export_errors_point_to_the_right_command(setup, tmp_path, capsys):
@@ -200,6 +225,8 @@ def test_export_errors_point_to_the_right_command(setup, tmp_path, capsys):
         main(["export", base, "--format", "gguf", "--dtype", "q4_k", "--out", str(tmp_path / "x.gguf")]) == 2
     )
     assert "f16, bf16, q8_0, f32" in capsys.readouterr().err
+    assert main(["export", base, "--format", "hf", "--out", base]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
     assert main(["export", base, "--format", "bnb4", "--out", str(tmp_path / "q4")]) == 0
     capsys.readouterr()
     assert main(["export", str(tmp_path / "q4"), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
@@ -213,7 +240,7 @@ def test_export_bnb4_loads_in_transformers_and_back_to_hf(setup, tmp_path, capsy
     q4 = tmp_path / "q4"
     assert main(["export", str(setup / "base"), "--format", "bnb4", "--out", str(q4)]) == 0
     ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(0))
-    ours = load_quantized(q4)
+    ours = load_quantized(q4, torch.float32)
     bnb = AutoModelForCausalLM.from_pretrained(q4, dtype=torch.float32)  # transformers + bitsandbytes
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits.float(), bnb(input_ids=ids).logits.float()

@@ -30,3 +30,7 @@ class FormatError(QLoraKitError):
 
 class ModelError(QLoraKitError):
     """A model spec cannot be resolved, or a model does not contain what was asked of it."""
+
+
+class DependencyError(QLoraKitError):
+    """An optional package needed for the requested feature is not installed (the message gives the pip command)."""

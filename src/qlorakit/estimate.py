@@ -260,6 +260,18 @@ def _layer_activation_bytes(
     return per_token * tokens
 
 
+def _model_activation_bytes(
+    arch: ModelShape, tokens: int, e: int, layer: int, grad_checkpointing: bool
+) -> int:
+    """All layers' saved tensors plus the embedding output, final norm, lm_head input, token ids and
+    rotary cos/sin. With checkpointing each layer keeps only its input, and one layer is recomputed at a
+    time during backward."""
+    fixed = tokens * (arch.hidden_size * (4 + 4 + 2 * e) + 8 + 2 * arch.head_dim * 4)
+    if grad_checkpointing:
+        return arch.num_layers * tokens * arch.hidden_size * e + layer + fixed
+    return arch.num_layers * layer + fixed
+
+
 def _logits_bytes(arch: ModelShape, tokens: int, e: int) -> int:
     """fp32 logits (saved by log-softmax), the gradient of the log-probabilities and of the logits;
     in 16-bit compute also the 16-bit logits the model returns and their gradient."""
@@ -339,24 +351,18 @@ def estimate_memory(
         c["gradients"] = trainable * 4
         master = False
     c["optimizer"] = _optimizer_bytes(optimizer, trainable, tensors, master)
-    largest_trainable = max(largest_linear, arch.vocab_size * arch.hidden_size) if method == "full" else 0
-    c["workspace"] += largest_trainable * 4  # AdamW's per-tensor `denom` temporary (CPU: no foreach)
+    largest_tensor = max(largest_linear, arch.vocab_size * arch.hidden_size)
+    if method == "full":
+        c["workspace"] += largest_tensor * 4  # AdamW's per-tensor `denom` temporary (CPU: no foreach)
 
     tokens = batch * seq
     layer = _layer_activation_bytes(arch, tokens, e, method, adapted, r, lora_dropout)
-    # fixed part: embedding output, final norm, lm_head input, token ids, rotary cos/sin
-    fixed = tokens * (arch.hidden_size * (4 + 4 + 2 * e) + 8 + 2 * arch.head_dim * 4)
-    if grad_checkpointing:
-        # each layer keeps only its input; one layer is recomputed at a time during backward
-        c["activations"] = arch.num_layers * tokens * arch.hidden_size * e + layer + fixed
-    else:
-        c["activations"] = arch.num_layers * layer + fixed
+    c["activations"] = _model_activation_bytes(arch, tokens, e, layer, grad_checkpointing)
     c["logits"] = _logits_bytes(arch, tokens, e)
     c["runtime"] = RUNTIME_OVERHEAD_BYTES
 
     # Loading: safetensors are read and converted tensor by tensor (one tensor in its stored dtype on
     # top of the final weights); transformers' GGUF loader dequantizes the whole model to fp32 first.
-    largest_tensor = max(largest_linear, arch.vocab_size * arch.hidden_size)
     staged = n_total if arch.checkpoint_format == "gguf" else largest_tensor
     load = (
         RUNTIME_OVERHEAD_BYTES

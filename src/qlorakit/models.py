@@ -168,8 +168,11 @@ def convert_gguf(gguf_path: str | os.PathLike[str], *, name: str | None = None) 
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 path.parent, gguf_file=path.name, dtype=torch.float32
             )
-        except (ValueError, KeyError, OSError, RuntimeError) as exc:
-            raise ModelError(f"cannot convert GGUF file {path}: {exc}") from exc
+        except Exception as exc:  # the GGUF reader raises struct/numpy/value errors on a bad file
+            raise ModelError(
+                f"cannot convert GGUF file {path}: {type(exc).__name__}: {exc}; check that the file is a "
+                "complete GGUF of an architecture transformers supports"
+            ) from exc
         # The weights are dequantized fp32 tensors now; drop the GGUF quantizer so the model saves
         # as a plain checkpoint (transformers refuses to serialize a "gguf-quantized" model).
         model.hf_quantizer = None
@@ -229,11 +232,13 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` for a spec (see module doc). The model is in eval mode on `device`.
 
     dtype: floating dtype of the full-precision weights, or "auto" for the dtype the checkpoint
-    declares. A pre-quantized 4-bit folder keeps its packed weights; dtype applies to the rest.
+    declares. A pre-quantized 4-bit folder keeps its packed weights; dtype applies to the rest, and
+    its 4-bit layers compute in `compute_dtype` (None: the best dtype for `device`).
     """
     import transformers
 
@@ -245,8 +250,10 @@ def load_model(
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     if is_quantized_folder(folder):
         from qlorakit.quant.convert import load_quantized
+        from qlorakit.quant.linear import default_compute_dtype
 
-        model = load_quantized(folder, dtype=None if dtype == "auto" else dtype)
+        chosen = compute_dtype if compute_dtype is not None else default_compute_dtype(device)
+        model = load_quantized(folder, chosen, dtype=None if dtype == "auto" else dtype)
     else:
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(

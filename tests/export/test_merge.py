@@ -152,7 +152,7 @@ def test_merge_to_nf4_warns_and_reports_drift(tmp_path, tiny_model_dir, tiny_tok
     assert report.warnings and "warning" in report.summary()
     config = json.loads((tmp_path / "merged4" / "config.json").read_text())
     assert config["quantization_config"]["load_in_4bit"] is True
-    model = load_quantized(tmp_path / "merged4")
+    model = load_quantized(tmp_path / "merged4", torch.float32)
     inputs = sample_inputs(tiny_tokenizer, model.config.vocab_size)
     with torch.no_grad():
         logits = model(input_ids=inputs).logits.float()

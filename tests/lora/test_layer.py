@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from qlorakit.errors import ConfigError, ModelError, QuantizationError
@@ -17,8 +18,6 @@ from qlorakit.lora.layer import LoRALinear, delta_weight, init_lora_weights, lor
 def _peft_layer(base: nn.Linear, **lora_kwargs):
     """A real PEFT lora.Linear around a copy of `base` (through get_peft_model on a one-layer model)."""
     import copy
-
-    from peft import LoraConfig, get_peft_model
 
     model = nn.Sequential(OrderedDict(proj=copy.deepcopy(base)))
     peft_model = get_peft_model(model, LoraConfig(target_modules=["proj"], **lora_kwargs))

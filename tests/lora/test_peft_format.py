@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 
 from conftest import make_tiny_llama
@@ -34,8 +35,6 @@ def _tensor_summary(path):
 
 def test_files_match_what_peft_writes_byte_for_byte(tmp_path):
     """Same config JSON bytes, same tensor names/shapes/dtypes and metadata as PEFT's save_pretrained."""
-    from peft import LoraConfig, get_peft_model
-
     settings = dict(
         target_modules=r".*\.(q|v|down)_proj", rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}
     )
@@ -73,8 +72,6 @@ def test_files_match_what_peft_writes_byte_for_byte(tmp_path):
 
 
 def test_config_fields_are_peft_fields(tmp_path):
-    from peft import LoraConfig
-
     model = _trained(LoRAConfig(target_modules=["q_proj"]))
     save_adapter(model, tmp_path / "a", LoRAConfig(target_modules=["q_proj"]), base_model_name_or_path=NAME)
     written = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
@@ -153,9 +150,18 @@ def test_save_into_existing_folder_keeps_other_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "trainer_state.json"]
 
 
-def test_save_without_adapter_fails(tmp_path):
+def test_save_without_adapter_or_with_wrong_config_fails(tmp_path):
     with pytest.raises(ModelError, match="inject_lora"):
         save_adapter(make_tiny_llama(), tmp_path / "a", LoRAConfig(), base_model_name_or_path=NAME)
+    model = _trained(LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="r=4, scaling=2, dora=False but the config gives r=8"):
+        save_adapter(
+            model,
+            tmp_path / "a",
+            LoRAConfig(r=8, alpha=8, target_modules=["q_proj"]),
+            base_model_name_or_path=NAME,
+        )
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.fixture

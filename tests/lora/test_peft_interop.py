@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from conftest import make_tiny_llama
 from qlorakit.config import LoRAConfig
-from qlorakit.lora import ModulesToSaveWrapper, inject_lora, load_adapter, lora_layers, save_adapter
+from qlorakit.lora import (
+    ModulesToSaveWrapper,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+)
 
 FP32_TOL = 1e-5  # plain base, fp32: the same maths in a different order
 Q4_TOL = 1e-4  # 4-bit base, fp32 compute: identical dequantized weights, different matmul kernels
@@ -92,8 +100,6 @@ def _logits(model: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_qlorakit_adapter_loads_in_peft(tmp_path, variant):
-    from peft import PeftModel
-
     ours_kw, _ = VARIANTS[variant]
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.05, **ours_kw)
     model = make_tiny_llama()
@@ -109,8 +115,6 @@ def test_qlorakit_adapter_loads_in_peft(tmp_path, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_peft_adapter_loads_in_qlorakit(tmp_path, variant):
-    from peft import LoraConfig, get_peft_model
-
     _, peft_kw = VARIANTS[variant]
     peft_model = get_peft_model(
         make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, task_type="CAUSAL_LM", **peft_kw)
@@ -126,8 +130,6 @@ def test_peft_adapter_loads_in_qlorakit(tmp_path, variant):
 
 
 def test_all_linear_with_layers_to_transform_loads_in_peft(tmp_path):
-    from peft import PeftModel
-
     cfg = LoRAConfig(
         r=4, alpha=8, target_modules="all-linear", layers_to_transform=[1], exclude_modules=["o_proj"]
     )
@@ -184,8 +186,6 @@ def _qlorakit_4bit_model() -> nn.Module:
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_4bit_qlorakit_adapter_matches_peft_on_bitsandbytes(tmp_path, tiny_dir, use_dora):
-    from peft import PeftModel
-
     cfg = LoRAConfig(r=8, alpha=16, target_modules="all-linear", use_dora=use_dora)
     model = _qlorakit_4bit_model()
     inject_lora(model, cfg, seed=0)
@@ -200,8 +200,6 @@ def test_4bit_qlorakit_adapter_matches_peft_on_bitsandbytes(tmp_path, tiny_dir, 
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_4bit_peft_adapter_on_bitsandbytes_loads_in_qlorakit(tmp_path, tiny_dir, use_dora):
-    from peft import LoraConfig, get_peft_model
-
     peft_cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=use_dora, use_rslora=True,
                           modules_to_save=["lm_head"], task_type="CAUSAL_LM")  # fmt: skip
     peft_model = get_peft_model(_bnb_model(tiny_dir), peft_cfg)
@@ -211,5 +209,41 @@ def test_4bit_peft_adapter_on_bitsandbytes_loads_in_qlorakit(tmp_path, tiny_dir,
     model = _qlorakit_4bit_model()
     load_adapter(model, tmp_path / "adapter")
     assert len(lora_layers(model)) == 14
+    assert count_parameters(model)[1] == peft_model.get_nb_trainable_parameters()[1], (
+        "4-bit weights: 2 per byte"
+    )
     got = _logits(model)
     assert (got - expected).abs().max().item() <= Q4_TOL
+
+
+def _biased_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=True, mlp_bias=True)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_travel_both_ways(tmp_path, bias):
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"], bias=bias)
+    model = _biased_llama()
+    inject_lora(model, cfg, seed=0)
+    _randomise_ours(model)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")):
+            p.add_(0.1)
+    save_adapter(model, tmp_path / "ours", cfg, base_model_name_or_path="biased")
+    peft_model = PeftModel.from_pretrained(_biased_llama(), tmp_path / "ours")
+    assert (_logits(peft_model) - _logits(model)).abs().max().item() <= FP32_TOL
+
+    peft_model = get_peft_model(
+        _biased_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], bias=bias)
+    )
+    _randomise_peft(peft_model)  # biases are trainable under both settings, so they change too
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = _biased_llama()
+    load_adapter(loaded, tmp_path / "peft")
+    assert (_logits(loaded) - _logits(peft_model)).abs().max().item() <= FP32_TOL
+    assert (_logits(loaded) - _logits(_biased_llama())).abs().max().item() > 1e-3

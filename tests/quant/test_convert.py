@@ -8,6 +8,7 @@ Interop (all on tiny real Llama models; bitsandbytes 0.50 quantizes and runs 4-b
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -205,7 +206,9 @@ def test_other_settings_load_in_transformers(tmp_path, tiny_tokenizer, ids, quan
 
 def test_extra_skips_are_written_so_transformers_keeps_them(tmp_path, tiny_tokenizer, ids):
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), seed=4)
-    report = quantize_model(model, skip=("lm_head", "mlp.down_proj", "model.layers.1.self_attn.q_proj"))
+    report = quantize_model(
+        model, skip=("lm_head", "mlp.down_proj", "model.layers.1.self_attn.q_proj"), compute_dtype=torch.float32
+    )
     assert {name for name, _ in report.skipped} == {
         "lm_head",
         "model.layers.0.mlp.down_proj",
@@ -250,11 +253,13 @@ def test_tied_embeddings_are_never_quantized(tmp_path, tiny_tokenizer, ids):
 
 
 def test_gpt2_conv1d_layers(tmp_path, ids):
-    config = transformers.GPT2Config(vocab_size=320, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    config = transformers.GPT2Config(
+        vocab_size=320, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
+    reference = copy.deepcopy(model)
     conv_weight = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: [in, out]
-    reference = logits(model, ids)
     report = quantize_model(model, compute_dtype=torch.float32)
     assert len(report.layers) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
     layer = model.transformer.h[0].attn.c_attn
@@ -262,7 +267,10 @@ def test_gpt2_conv1d_layers(tmp_path, ids):
     packed, state = quantize_4bit(conv_weight.t().contiguous())
     assert torch.equal(layer.packed, packed)
     assert torch.equal(layer.dequantize(), dequantize_4bit(packed, state))
-    assert (logits(model, ids) - reference).abs().max() < 0.05 * reference.abs().max()
+    # the same GPT-2 with each Conv1D weight replaced by its dequantized [in, out] form
+    for name, q in quantized_layers(model):
+        reference.get_submodule(name).weight.data = q.dequantize().t().contiguous()
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=LOGIT_ATOL, rtol=0)
     out = save_quantized(model, None, tmp_path / "gpt2")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     torch.testing.assert_close(logits(hf, ids), logits(model, ids), atol=LOGIT_ATOL, rtol=0)
@@ -302,6 +310,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     from conftest import make_tiny_llama
     from qlorakit.quant.convert import quantize_model
 
+    # warm-up on a tiny model: lazy imports and the compiled CPU kernels are loaded outside the measurement
+    quantize_model(make_tiny_llama(), compute_dtype=torch.float32)
     torch.set_default_dtype(torch.bfloat16)  # build in bf16: no fp32 copy before the measurement
     model = make_tiny_llama(hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
                             num_kv_heads=4, dtype=torch.bfloat16)
@@ -326,6 +336,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers
 def test_peak_memory_stays_below_two_16bit_copies(tmp_path):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed blocks go back to the OS at once
     script = tmp_path / "measure.py"
@@ -337,8 +348,9 @@ def test_peak_memory_stays_below_two_16bit_copies(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     m = json.loads(run.stdout.strip().splitlines()[-1])
     assert m["model_bytes"] > 20 * 2**20  # a model of a few tens of MB in bf16
-    # The model alone is one 16-bit copy; quantizing may add a few layers' temporaries, never a second copy.
-    assert m["peak"] - m["before"] < m["model_bytes"], m
+    # The model alone is one 16-bit copy; quantizing adds a few layers' temporaries, never a second copy
+    # (nor half of one).
+    assert m["peak"] - m["before"] < 0.5 * m["model_bytes"], m
     # The original bf16 weights were released: the process shrank by most of their size.
     assert m["before"] - m["after"] > 0.5 * m["quantized_bytes"], m
 

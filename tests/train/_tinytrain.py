@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from conftest import make_tiny_llama
 from torch import nn
 
+from conftest import make_tiny_llama
 from qlorakit.config import TrainConfig
 from qlorakit.train.distributed import DistContext
 from qlorakit.train.loop import CheckpointPlan, LoopState, train_loop
@@ -197,7 +197,9 @@ def cli_env() -> dict[str, str]:
     import os
 
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     return env
 
 

@@ -72,7 +72,7 @@ def _assert_identical(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
-    config = write_tiny_setup(root, quant=False)
+    config = write_tiny_setup(root)
     _run(config, root / "reference")
     return config, root
 

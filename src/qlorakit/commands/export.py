@@ -72,13 +72,21 @@ def export_gguf_checked(model: str, out: Path, dtype: str) -> Path:
 
 
 def export_bnb4(model: str, out: Path) -> None:
-    from qlorakit.atomic import atomic_directory
+    """Quantize (or re-save) a model as a 4-bit folder; `save_quantized` writes it atomically."""
     from qlorakit.eval.generation import load_base
     from qlorakit.quant.convert import save_quantized
 
     quantized, tokenizer = load_base(model, four_bit=True)
-    with atomic_directory(out) as tmp:
-        save_quantized(quantized, tokenizer, tmp)
+    save_quantized(quantized, tokenizer, out)
+
+
+def check_output(model: str, out: Path) -> None:
+    """Refuse an output path that is, or contains, the input (it would be replaced while being read)."""
+    from qlorakit.errors import ConfigError
+
+    source = Path(model).resolve()
+    if Path(model).exists() and source in (out.resolve(), *out.resolve().parents):
+        raise ConfigError(f"--out {out} would overwrite the input {model}; choose another path")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = check_export_args(args.model, args.format, args.dtype)
     out = Path(args.out)
+    check_output(args.model, out)
     if args.format == "gguf":
         export_gguf_checked(args.model, out, dtype)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {dtype})")

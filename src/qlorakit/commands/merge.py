@@ -40,15 +40,15 @@ def run(args: argparse.Namespace) -> int:
 
     from qlorakit.export.merge import merge_adapter
 
-    with warnings.catch_warnings(record=True):  # the report prints its warnings itself
-        warnings.simplefilter("ignore")
-        if args.to == "nf4":
-            print(
-                "qlorakit merge: warning: --to nf4 re-quantizes the merged weights, so the result differs "
-                "from the adapter on its 4-bit base; the drift is reported below",
-                file=sys.stderr,
-                flush=True,
-            )
+    if args.to == "nf4":
+        print(
+            "qlorakit merge: warning: --to nf4 re-quantizes the merged weights, so the result differs "
+            "from the adapter on its 4-bit base; the drift is reported below",
+            file=sys.stderr,
+            flush=True,
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="re-quantizing")  # printed above and in the report
         report = merge_adapter(
             args.model, args.adapter, args.out, base=args.base, to=args.to, max_shard_size=args.max_shard_size
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -94,8 +95,6 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
 def llama3_rope_factors(cfg: dict[str, Any]) -> Any:
     """The `rope_freqs.weight` tensor llama.cpp writes for llama3 rope scaling: one divisor per frequency,
     shape `[head_dim / 2]`, fp32."""
-    import math
-
     import torch
 
     theta, rope = _rope(cfg)
@@ -295,9 +294,7 @@ def _tensor_bytes(plan: _Plan) -> tuple[Any, tuple[int, ...], int]:
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quant_shape_to_byte_shape
 
-    n = 1
-    for d in plan.shape:
-        n *= d
+    n = math.prod(plan.shape)
     if plan.qtype == Q.F32:
         return np.float32, plan.shape, n * 4
     if plan.qtype == Q.F16:
@@ -390,15 +387,16 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f1
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    return _summary(plans, out_file, dtype, n_vocab, time.perf_counter() - start)
+
+
+def _summary(plans: list[_Plan], out_file: Path, dtype: str, n_vocab: int, seconds: float) -> GGUFSummary:
     types: dict[str, int] = {}
-    for plan in plans:
-        types[plan.qtype.name] = types.get(plan.qtype.name, 0) + 1
     n_params = 0
     for plan in plans:
-        count = 1
-        for d in plan.shape:
-            count *= d
-        n_params += count if plan.hf_name is not None else 0
+        types[plan.qtype.name] = types.get(plan.qtype.name, 0) + 1
+        if plan.hf_name is not None:  # generated tensors (rope_freqs) are not model parameters
+            n_params += math.prod(plan.shape)
     return GGUFSummary(
         path=out_file,
         dtype=dtype,
@@ -407,6 +405,6 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f1
         n_params=n_params,
         file_bytes=out_file.stat().st_size,
         vocab_size=n_vocab,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         tensor_types=types,
     )

@@ -4,6 +4,9 @@
 produces weights layer by layer never holds more than one shard of the output in memory. The file
 layout matches `PreTrainedModel.save_pretrained`: `model.safetensors` when everything fits in one
 shard, else `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
+
+`dense_tensors` walks a qlorakit model (4-bit layers, LoRA wrappers) and yields the tensors of a plain
+checkpoint of its original architecture, one layer at a time.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from qlorakit.errors import ConfigError
+from qlorakit.errors import ConfigError, ModelError
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """Output dtypes of a dense export, by their command-line names."""
@@ -180,6 +184,125 @@ def write_hf_files(
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dense tensors of a (4-bit, LoRA-wrapped) model, in the original architecture's key layout
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense fp32 weight [out, in] and bias of a linear-like layer, with the active adapter merged.
+
+    Explicit dispatch: LoRALinear (merge its active adapter unless disabled or already merged in place),
+    Linear4bit (dequantize), nn.Linear (as is).
+    """
+    from qlorakit.export.merge import merge_lora_weight
+    from qlorakit.lora.layer import LoRALinear, base_weight
+    from qlorakit.quant.linear import Linear4bit
+
+    if isinstance(module, LoRALinear):
+        weight = base_weight(module.base_layer, torch.float32)
+        bias = module.base_layer.bias
+        if module.disable_adapters or module.merged_adapters:
+            return weight, bias
+        name = module.active_adapter
+        magnitude = module.lora_magnitude_vector[name].weight if module.use_dora[name] else None
+        merged = merge_lora_weight(
+            weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], magnitude
+        )
+        return merged, bias
+    if isinstance(module, Linear4bit):
+        return module.dequantize(torch.float32), module.bias
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float(), module.bias
+    raise ModelError(f"{type(module).__name__} is not a linear layer qlorakit can export")
+
+
+def _skeleton(config: Any) -> nn.Module:
+    """The original architecture with meta tensors: its keys, shapes, layer types and tied weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(export_config(config, torch.float32))
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    """`model.get_submodule(path)`, seeing through `ModulesToSaveWrapper` (its active copy)."""
+    from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
+
+    module = model
+    for part in path.split(".") if path else []:
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.active_module()
+        try:
+            module = module.get_submodule(part)
+        except AttributeError as exc:
+            raise ModelError(f"model has no module {path!r} that its config's architecture expects") from exc
+    if isinstance(module, ModulesToSaveWrapper):
+        module = module.active_module()
+    return module
+
+
+def _linear_types() -> tuple[type, ...]:
+    from qlorakit.lora.layer import LoRALinear
+    from qlorakit.quant.linear import Linear4bit
+
+    return (LoRALinear, Linear4bit)
+
+
+def dense_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(key, tensor)` for a plain checkpoint of `model`'s architecture, one tensor at a time.
+
+    Keys, shapes and layer types come from a meta-device copy of the original architecture, so LoRA
+    wrappers (`base_layer`, `lora_A`) and 4-bit buffers disappear, GPT-2 style `Conv1D` weights are
+    transposed back to [in, out], and tied weights (lm_head = embeddings) are written once.
+    Each merged/dequantized layer exists only until the consumer has taken it.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    skeleton = _skeleton(model.config)
+    keys = set(skeleton.state_dict().keys())
+    seen: set[int] = set()
+    special = _linear_types()
+    for path, skel in skeleton.named_modules():
+        own = [
+            (name, ref)
+            for name, ref in [*skel.named_parameters(recurse=False), *skel.named_buffers(recurse=False)]
+            if (f"{path}.{name}" if path else name) in keys
+        ]
+        if not own:
+            continue
+        live = _resolve(model, path)
+        values: dict[str, torch.Tensor | None]
+        if isinstance(live, special):
+            weight, bias = linear_weight(live)
+            values = {"weight": weight.T if isinstance(skel, Conv1D) else weight, "bias": bias}
+        else:
+            values = {name: getattr(live, name) for name, _ in own}
+        for name, ref in own:
+            key = f"{path}.{name}" if path else name
+            if id(ref) in seen:
+                if isinstance(live, special) and live is not _resolve(model, _tied_source(skeleton, ref)):
+                    raise ModelError(
+                        f"{key} is tied to the input embeddings but carries its own adapter/4-bit weights; "
+                        "set tie_word_embeddings=false in the config or leave it out of the LoRA targets"
+                    )
+                continue
+            seen.add(id(ref))
+            tensor = values.get(name)
+            if tensor is None or tuple(tensor.shape) != tuple(ref.shape):
+                got = None if tensor is None else tuple(tensor.shape)
+                raise ModelError(f"{key}: expected shape {tuple(ref.shape)} from the model config, got {got}")
+            yield key, tensor.detach()
+
+
+def _tied_source(skeleton: nn.Module, ref: torch.Tensor) -> str:
+    """Module path of the first module that owns the (tied) tensor `ref`."""
+    for path, module in skeleton.named_modules():
+        for _, tensor in module.named_parameters(recurse=False):
+            if tensor is ref:
+                return path
+    return ""
 
 
 @dataclass

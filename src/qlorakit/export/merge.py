@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qlorakit.config import QuantConfig
-from qlorakit.errors import CheckpointError, ConfigError, ModelError
+from qlorakit.errors import CheckpointError, ConfigError
 
 BASES = ("nf4", "original")
 TARGETS = ("bf16", "fp16", "fp32", "nf4")
@@ -61,126 +61,6 @@ def logit_drift(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, fl
     """(max, mean) absolute difference of two logit tensors [B, T, V], computed in fp32."""
     diff = (reference.float() - other.float()).abs()
     return float(diff.max()), float(diff.mean())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Dense tensors of a (4-bit, LoRA-wrapped) model, in the original architecture's key layout
-
-
-def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense fp32 weight [out, in] and bias of a linear-like layer, with the active adapter merged.
-
-    Explicit dispatch: LoRALinear (merge its active adapter unless disabled or already merged in place),
-    Linear4bit (dequantize), nn.Linear (as is).
-    """
-    from qlorakit.lora.layer import LoRALinear, base_weight
-    from qlorakit.quant.linear import Linear4bit
-
-    if isinstance(module, LoRALinear):
-        weight = base_weight(module.base_layer, torch.float32)
-        bias = module.base_layer.bias
-        if module.disable_adapters or module.merged_adapters:
-            return weight, bias
-        name = module.active_adapter
-        magnitude = module.lora_magnitude_vector[name].weight if module.use_dora[name] else None
-        merged = merge_lora_weight(
-            weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], magnitude
-        )
-        return merged, bias
-    if isinstance(module, Linear4bit):
-        return module.dequantize(torch.float32), module.bias
-    if isinstance(module, nn.Linear):
-        return module.weight.detach().float(), module.bias
-    raise ModelError(f"{type(module).__name__} is not a linear layer qlorakit can export")
-
-
-def _skeleton(config: Any) -> nn.Module:
-    """The original architecture with meta tensors: its keys, shapes, layer types and tied weights."""
-    from transformers import AutoModelForCausalLM
-
-    from qlorakit.export.hf import export_config
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(export_config(config, torch.float32))
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    """`model.get_submodule(path)`, seeing through `ModulesToSaveWrapper` (its active copy)."""
-    from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
-
-    module = model
-    for part in path.split(".") if path else []:
-        if isinstance(module, ModulesToSaveWrapper):
-            module = module.active_module()
-        try:
-            module = module.get_submodule(part)
-        except AttributeError as exc:
-            raise ModelError(f"model has no module {path!r} that its config's architecture expects") from exc
-    if isinstance(module, ModulesToSaveWrapper):
-        module = module.active_module()
-    return module
-
-
-def _linear_types() -> tuple[type, ...]:
-    from qlorakit.lora.layer import LoRALinear
-    from qlorakit.quant.linear import Linear4bit
-
-    return (LoRALinear, Linear4bit)
-
-
-def dense_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(key, tensor)` for a plain checkpoint of `model`'s architecture, one tensor at a time.
-
-    Keys, shapes and layer types come from a meta-device copy of the original architecture, so LoRA
-    wrappers (`base_layer`, `lora_A`) and 4-bit buffers disappear, GPT-2 style `Conv1D` weights are
-    transposed back to [in, out], and tied weights (lm_head = embeddings) are written once.
-    Each merged/dequantized layer exists only until the consumer has taken it.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    skeleton = _skeleton(model.config)
-    keys = set(skeleton.state_dict().keys())
-    seen: set[int] = set()
-    special = _linear_types()
-    for path, skel in skeleton.named_modules():
-        own = [
-            (name, ref)
-            for name, ref in [*skel.named_parameters(recurse=False), *skel.named_buffers(recurse=False)]
-            if (f"{path}.{name}" if path else name) in keys
-        ]
-        if not own:
-            continue
-        live = _resolve(model, path)
-        values: dict[str, torch.Tensor | None]
-        if isinstance(live, special):
-            weight, bias = linear_weight(live)
-            values = {"weight": weight.T if isinstance(skel, Conv1D) else weight, "bias": bias}
-        else:
-            values = {name: getattr(live, name) for name, _ in own}
-        for name, ref in own:
-            key = f"{path}.{name}" if path else name
-            if id(ref) in seen:
-                if isinstance(live, special) and live is not _resolve(model, _tied_source(skeleton, ref)):
-                    raise ModelError(
-                        f"{key} is tied to the input embeddings but carries its own adapter/4-bit weights; "
-                        "set tie_word_embeddings=false in the config or leave it out of the LoRA targets"
-                    )
-                continue
-            seen.add(id(ref))
-            tensor = values.get(name)
-            if tensor is None or tuple(tensor.shape) != tuple(ref.shape):
-                got = None if tensor is None else tuple(tensor.shape)
-                raise ModelError(f"{key}: expected shape {tuple(ref.shape)} from the model config, got {got}")
-            yield key, tensor.detach()
-
-
-def _tied_source(skeleton: nn.Module, ref: torch.Tensor) -> str:
-    """Module path of the first module that owns the (tied) tensor `ref`."""
-    for path, module in skeleton.named_modules():
-        for _, tensor in module.named_parameters(recurse=False):
-            if tensor is ref:
-                return path
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,6 +231,44 @@ def _requantize(dense_dir: Path, out_dir: Path, tokenizer: Any, quant: QuantConf
     return load_quantized(out_dir, compute_dtype)
 
 
+def _adapter_4bit_logits(model_spec: str | Path, adapter_dir: Path, quant: QuantConfig, inputs: torch.Tensor):
+    """Logits [B, T, V] of the adapter on the 4-bit base (what the adapter was trained with)."""
+    model4, _ = _load_adapted(model_spec, adapter_dir, four_bit=True, quant=quant)
+    logits = model_logits(model4, inputs)
+    del model4
+    gc.collect()
+    return logits
+
+
+def _merged_logits(
+    to: str,
+    dense_dir: Path,
+    out_dir: Path,
+    tokenizer: Any,
+    quant: QuantConfig,
+    inputs: torch.Tensor,
+    notes: list[str],
+) -> torch.Tensor:
+    """Load what was written (re-quantizing it into `out_dir` for `to="nf4"`) and return its logits."""
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.export.hf import parse_dtype
+
+    if to == "nf4":
+        notes.append(
+            "re-quantizing the merged weights to 4 bits changes the model: the adapter was trained "
+            "against the original 4-bit weights, not these (see the drift numbers)"
+        )
+        warnings.warn(notes[-1], UserWarning, stacklevel=3)
+        check = _requantize(dense_dir, out_dir, tokenizer, quant)
+    else:
+        check = AutoModelForCausalLM.from_pretrained(out_dir, dtype=parse_dtype(to))
+    logits = model_logits(check.eval(), inputs)
+    del check
+    gc.collect()
+    return logits
+
+
 def merge_adapter(
     model_spec: str | Path,
     adapter_dir: str | Path,
@@ -367,11 +285,9 @@ def merge_adapter(
     adapter was trained against (default: the `config.yaml` that training saved beside the adapter,
     else NF4, blocksize 64, double quantization).
     """
-    from transformers import AutoModelForCausalLM
-
     from qlorakit.atomic import atomic_directory
     from qlorakit.eval.generation import adapter_quant_config
-    from qlorakit.export.hf import parse_dtype, write_hf_files
+    from qlorakit.export.hf import dense_tensors, parse_dtype, write_hf_files
     from qlorakit.lora.inject import lora_layers
 
     _check_merge_args(base, to, max_shard_size)
@@ -400,25 +316,12 @@ def merge_adapter(
                 max_shard_size=max_shard_size,
                 generation_config=generation_config,
             )
-            del model
+            del model  # the source model goes before anything else is loaded: one model in memory at a time
             gc.collect()
             adapter4_logits = source_logits
             if base != "nf4":
-                model4, _ = _load_adapted(model_spec, adapter_dir, four_bit=True, quant=quant)
-                adapter4_logits = model_logits(model4, inputs)
-                del model4
-                gc.collect()
-            if to == "nf4":
-                notes.append(
-                    "re-quantizing the merged weights to 4 bits changes the model: the adapter was trained "
-                    "against the original 4-bit weights, not these (see the drift numbers)"
-                )
-                warnings.warn(notes[-1], stacklevel=2)
-                check = _requantize(dense_dir, tmp, tokenizer, quant)
-            else:
-                check = AutoModelForCausalLM.from_pretrained(tmp, dtype=dense_dtype)
-            merged_logits = model_logits(check.eval(), inputs)
-            del check
+                adapter4_logits = _adapter_4bit_logits(model_spec, adapter_dir, quant, inputs)
+            merged_logits = _merged_logits(to, dense_dir, tmp, tokenizer, quant, inputs, notes)
         finally:
             if dense_dir != tmp:
                 shutil.rmtree(dense_dir, ignore_errors=True)

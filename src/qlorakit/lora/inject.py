@@ -17,7 +17,7 @@ from torch import nn
 
 from qlorakit.config import LoRAConfig
 from qlorakit.errors import ConfigError, ModelError
-from qlorakit.lora.layer import LoRALinear, _linear4bit_type
+from qlorakit.lora.layer import LoRALinear, linear4bit_class
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
@@ -56,7 +56,7 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | _linear4bit_type() | LoRALinear)
+    return isinstance(module, nn.Linear | linear4bit_class() | LoRALinear)
 
 
 def output_head_path(model: nn.Module) -> str | None:
@@ -173,21 +173,26 @@ def _check_ranks(cfg: LoRAConfig) -> None:
             raise ConfigError(f"lora.rank_pattern.{key}: must be a positive integer, got {rank}")
 
 
-def _wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
-    wrapped: list[str] = []
+def modules_to_save_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """Paths of the modules `names` select (suffix on a dot boundary; a match inside another is dropped)."""
+    found: list[str] = []
     for name in names:
         paths = [p for p, _ in _walk(model) if p and _suffix_match(p, [name])]
-        paths = [p for p in paths if not any(p.startswith(w + ".") for w in wrapped)]
         if not paths:
             raise ModelError(f"lora.modules_to_save entry {name!r} matched no module in the model")
-        for path in paths:
-            module = model.get_submodule(path)
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add_adapter(adapter_name)
-            else:
-                _set_module(model, path, ModulesToSaveWrapper(module, adapter_name))
-            wrapped.append(path)
-    return wrapped
+        found.extend(p for p in paths if p not in found and not any(p.startswith(w + ".") for w in found))
+    return found
+
+
+def _wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
+    paths = modules_to_save_paths(model, names)
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(adapter_name)
+        else:
+            _set_module(model, path, ModulesToSaveWrapper(module, adapter_name))
+    return paths
 
 
 def _set_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
@@ -259,7 +264,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit packed weight counts 2 parameters per byte."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    linear4bit = _linear4bit_type()
+    linear4bit = linear4bit_class()
     total += sum(2 * m.packed.numel() for m in model.modules() if isinstance(m, linear4bit))
     return trainable, total
 

@@ -70,7 +70,7 @@ def init_lora_weights(
 # The module
 
 
-def _linear4bit_type() -> type:
+def linear4bit_class() -> type:
     from qlorakit.quant.linear import Linear4bit  # lazily: the quant package imports nothing from here
 
     return Linear4bit
@@ -80,7 +80,7 @@ def base_kind(base: nn.Module) -> str:
     """`"linear"` for nn.Linear, `"4bit"` for Linear4bit; anything else is a ModelError."""
     if isinstance(base, nn.Linear):
         return "linear"
-    if isinstance(base, _linear4bit_type()):
+    if isinstance(base, linear4bit_class()):
         return "4bit"
     raise ModelError(
         f"LoRA wraps nn.Linear or qlorakit Linear4bit layers; got {type(base).__module__}.{type(base).__name__}. "

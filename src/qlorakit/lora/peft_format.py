@@ -24,11 +24,12 @@ from qlorakit.lora.inject import (
     _set_trainable,
     inject_lora,
     lora_layers,
+    modules_to_save_paths,
     pattern_value,
     select_targets,
     trainable_bias_params,
 )
-from qlorakit.lora.layer import LoRALinear
+from qlorakit.lora.layer import LoRALinear, lora_scaling
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
 
 CONFIG_NAME = "adapter_config.json"
@@ -120,6 +121,24 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def _check_cfg_describes_model(
+    model: nn.Module, cfg: LoRAConfig, adapter_name: str, targets: list[str]
+) -> None:
+    """The config written must reproduce the adapter: same ranks, scalings and DoRA use on every layer."""
+    for path in targets:
+        layer = model.get_submodule(path)
+        r = int(pattern_value(cfg.rank_pattern, path, cfg.r))
+        alpha = float(pattern_value(cfg.alpha_pattern, path, cfg.alpha))
+        want = (r, lora_scaling(r, alpha, cfg.use_rslora), cfg.use_dora)
+        have = (layer.r[adapter_name], layer.scaling[adapter_name], layer.use_dora[adapter_name])
+        if want != have:
+            raise ConfigError(
+                f"the LoRA config does not describe adapter {adapter_name!r} at {path!r}: the layer has "
+                f"r={have[0]}, scaling={have[1]:g}, dora={have[2]} but the config gives r={want[0]}, "
+                f"scaling={want[1]:g}, dora={want[2]}; pass the config the adapter was injected with"
+            )
+
+
 def save_adapter(
     model: nn.Module,
     out_dir: Path,
@@ -136,6 +155,7 @@ def save_adapter(
     out_dir = Path(out_dir)
     tensors = adapter_state_dict(model, adapter_name, cfg.bias)
     targets = [p for p, layer in lora_layers(model).items() if adapter_name in layer.lora_A]
+    _check_cfg_describes_model(model, cfg, adapter_name, targets)
     config = adapter_config_dict(cfg, base_model_name_or_path=base_model_name_or_path, targets=targets)
     text = json.dumps(config, indent=2, sort_keys=True)  # byte-for-byte what PEFT writes (no final newline)
     metadata = {"format": "pt"}
@@ -261,11 +281,10 @@ def _expected_shapes(model: nn.Module, cfg: LoRAConfig, adapter_name: str) -> di
         base = module.base_layer if isinstance(module, LoRALinear) else module
         if cfg.bias == "lora_only" and base.bias is not None:
             shapes[f"{PREFIX}{path}.base_layer.bias"] = tuple(base.bias.shape)
-    for name in cfg.modules_to_save:
-        for path, module in model.named_modules():
-            if path == name or path.endswith("." + name):
-                inner = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-                shapes.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in inner.state_dict().items()})
+    for path in modules_to_save_paths(model, list(cfg.modules_to_save)):
+        module = model.get_submodule(path)
+        inner = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        shapes.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in inner.state_dict().items()})
     if cfg.bias == "all":
         for name, param in trainable_bias_params(model):
             owner = name[: -len(".bias")]

@@ -211,7 +211,7 @@ def quantize_dynamic_reference(
     v = torch.clamp(blocks * inv.unsqueeze(1), -1.0, 1.0)
     t = (v + 1.0) * 0.5
     # t is a multiple of 2**-25 in [0, 1], so t * 65535 + 0.5 is exact in float64: rounding it once to
-    # fp32 reproduces the fused multiply-add of the bitsandbytes CPU kernel.
+    # fp32 reproduces the fused multiply-add of the bitsandbytes CPU kernel (needs float64 on the device).
     bins = (t.to(torch.float64) * (_LUT_SIZE - 1) + 0.5).to(torch.float32).to(torch.int64)
     q = _dynamic_lut(code.to(device=values.device, dtype=torch.float32))[bins]
     q = torch.where(nonzero.unsqueeze(1), q, torch.zeros_like(q))

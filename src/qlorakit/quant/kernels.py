@@ -113,7 +113,7 @@ def _library() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         try:
-            if os.environ.get("QLORAKIT_NO_KERNELS", "") not in ("", "0"):
+            if os.environ.get("QLORAKIT_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no"):
                 return None
             if not _SOURCE.is_file():
                 raise FileNotFoundError(_SOURCE)
@@ -264,3 +264,13 @@ def quantize_blocks_cpu(
     if rc != 0:
         raise QuantizationError("the C++ quantize kernel failed in a worker thread")
     return packed, absmax
+
+
+__all__ = [
+    "available",
+    "build_directory",
+    "dequantize_blocks_cpu",
+    "isa",
+    "load_seconds",
+    "quantize_blocks_cpu",
+]

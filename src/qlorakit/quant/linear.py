@@ -302,3 +302,6 @@ class Linear4bit(nn.Module):
 def _refresh_offset(module: Linear4bit, incompatible_keys: object) -> None:
     if module.nested_offset is not None:
         module._offset = float(module.nested_offset.view(torch.float32).item())
+
+
+__all__ = ["CHUNK_ELEMENTS", "Linear4bit", "default_compute_dtype", "linear4bit"]

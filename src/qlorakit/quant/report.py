@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 # Elements compared at a time: keeps the fp32 temporaries of the error computation to a few MB.
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,14 @@ def _bitsandbytes_optim(name: str):
     return classes[name]
 
 
+def check_optimizer(name: str) -> None:
+    """Fail early (before any model is loaded) when optimizer `name` cannot run here."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"train.optim: must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name != "adamw":
+        _bitsandbytes_optim(name)
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.optim` over `params` (the trainable ones).
 

@@ -40,7 +40,7 @@ from qlorakit.train.loop import (
     train_loop,
 )
 from qlorakit.train.metrics import PLOT, MetricsWriter, peak_rss_mib, plot_loss_curve, render_summary
-from qlorakit.train.optim import build_optimizer, total_steps, trainable_named_parameters
+from qlorakit.train.optim import build_optimizer, check_optimizer, total_steps, trainable_named_parameters
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -240,6 +240,7 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     out, notes = Path(cfg.output.dir), []
     root = out / "checkpoints"
     check_datasets(cfg.data)
+    check_optimizer(cfg.train.optim)
     resume_from = find_resume_checkpoint(cfg, root, ctx.world_size, notes)
     for note in notes:
         _say(ctx, f"note: {note}")
