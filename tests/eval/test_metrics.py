@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qlorakit.errors import ConfigError, DataError
+from qlorakit.errors import DataError, DependencyError
 from qlorakit.eval.metrics import bleu, exact_match, generation_metrics, normalize_text, rouge_l
 
 
@@ -66,8 +66,8 @@ def test_bad_inputs_raise_data_errors():
 
 def test_missing_optional_library_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # makes `import sacrebleu` fail
-    with pytest.raises(ConfigError, match="pip install sacrebleu"):
+    with pytest.raises(DependencyError, match="pip install sacrebleu"):
         bleu(["a"], ["a"])
     monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)
-    with pytest.raises(ConfigError, match="pip install rouge-score"):
+    with pytest.raises(DependencyError, match="pip install rouge-score"):
         rouge_l(["a"], ["a"])

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
 
+from conftest import make_tiny_llama
 from qlorakit.errors import ConfigError, DataError
 from qlorakit.eval.perplexity import builtin_eval_text, perplexity, plan_windows
 
@@ -78,7 +78,9 @@ def test_plan_windows_scores_every_token_once():
         for max_length, stride in [(4, 4), (4, 1), (6, 4), (2, 2)]:
             windows = plan_windows([length], max_length, stride)
             scored = [t for w in windows for t in range(w.score_from, w.end)]
-            expected = [t for t in range(1, length) if any(s < t < s + max_length for s in range(0, length, stride))]
+            expected = [
+                t for t in range(1, length) if any(s < t < s + max_length for s in range(0, length, stride))
+            ]
             assert scored == expected
             assert all(w.end - w.start <= max_length and w.start < w.score_from for w in windows)
 

@@ -207,6 +207,32 @@ def test_bad_inputs_raise_format_errors(tiny_model_dir, tmp_path):
     assert list(target.parent.iterdir()) == [target]
 
 
+def test_failure_while_streaming_tensors_leaves_no_partial_file(tiny_model_dir, tmp_path, monkeypatch):
+    import qlorakit.export.gguf as gguf_export
+
+    target = tmp_path / "keep" / "model.gguf"
+    target.parent.mkdir()
+    target.write_bytes(b"previous")
+    convert, calls = gguf_export._convert, []
+
+    def failing_convert(plan, cfg, tensor):
+        calls.append(plan.gguf_name)
+        if len(calls) == 4:  # header, metadata and three tensors are already in the temporary file
+            raise OSError("disk full")
+        return convert(plan, cfg, tensor)
+
+    monkeypatch.setattr(gguf_export, "_convert", failing_convert)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(tiny_model_dir, target, dtype="f16")
+    assert len(calls) == 4
+    assert target.read_bytes() == b"previous"
+    assert list(target.parent.iterdir()) == [target]
+    monkeypatch.setattr(gguf_export, "_convert", convert)
+    export_gguf(tiny_model_dir, target, dtype="f16")  # a later export replaces the file whole
+    assert GGUFReader(str(target)).fields["general.architecture"].contents() == "llama"
+    assert list(target.parent.iterdir()) == [target]
+
+
 def test_llama3_rope_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import make_tiny_llama
 from qlorakit.errors import CheckpointError, QuantizationError
 from qlorakit.quant.blockwise import dequantize_4bit, quantize_4bit
 from qlorakit.quant.convert import (
@@ -110,7 +110,9 @@ def test_config_entry_equals_bitsandbytes_config(tmp_path):
             bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=skip,
         ).to_dict()
-        got = bnb_quantization_config(quant_type=quant_type, double_quant=dq, compute_dtype=dtype, skip_modules=skip)
+        got = bnb_quantization_config(
+            quant_type=quant_type, double_quant=dq, compute_dtype=dtype, skip_modules=skip
+        )
         assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
@@ -121,12 +123,17 @@ def test_c_same_tensors_and_config_as_transformers_bitsandbytes(ours, bnb_dir):
     assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in mine)
     for key, t in theirs.items():
         assert mine[key].dtype == t.dtype and mine[key].shape == t.shape, key
-        assert torch.equal(mine[key], t), key  # packed nibbles, absmax codes, maps, JSON bytes, norms, embeddings
+        assert torch.equal(mine[key], t), (
+            key
+        )  # packed nibbles, absmax codes, maps, JSON bytes, norms, embeddings
     config_ours = json.loads((ours_dir / "config.json").read_text())
     config_theirs = json.loads((bnb_dir / "config.json").read_text())
     assert config_ours == config_theirs
     assert (ours_dir / "config.json").read_text() == (bnb_dir / "config.json").read_text()
-    with safe_open(ours_dir / "model.safetensors", "pt") as a, safe_open(bnb_dir / "model.safetensors", "pt") as b:
+    with (
+        safe_open(ours_dir / "model.safetensors", "pt") as a,
+        safe_open(bnb_dir / "model.safetensors", "pt") as b,
+    ):
         assert a.metadata() == b.metadata()
 
 
@@ -171,7 +178,9 @@ def test_report_matches_hand_computation(original_dir, ours):
     _, report, _ = ours
     original = load_file(original_dir / "model.safetensors")
     quantized = dict(quantized_layers(ours[0]))
-    assert [layer.name for layer in report.layers] == sorted(quantized, key=[lr.name for lr in report.layers].index)
+    assert [layer.name for layer in report.layers] == sorted(
+        quantized, key=[lr.name for lr in report.layers].index
+    )
     assert report.skipped == (("lm_head", "skipped"),)
     for layer in report.layers:
         w = original[f"{layer.name}.weight"]
@@ -180,7 +189,9 @@ def test_report_matches_hand_computation(original_dir, ours):
         assert layer.max_abs_err == pytest.approx(float((deq - w).abs().max()), rel=1e-6)
         n = w.numel()
         nblocks = math.ceil(n / 64)
-        assert layer.bits_per_parameter == pytest.approx(4 + (8 * nblocks + 32 * math.ceil(nblocks / 256)) / n)
+        assert layer.bits_per_parameter == pytest.approx(
+            4 + (8 * nblocks + 32 * math.ceil(nblocks / 256)) / n
+        )
         assert layer.bytes_before == 4 * n
     assert 4.12 < report.bits_per_parameter < 4.15
     assert report.model_bytes_after < report.model_bytes_before
@@ -189,12 +200,18 @@ def test_report_matches_hand_computation(original_dir, ours):
 @pytest.mark.parametrize(
     ("quant_type", "double_quant", "blocksize"), [("fp4", False, 64), ("nf4", True, 128), ("nf4", False, 256)]
 )
-def test_other_settings_load_in_transformers(tmp_path, tiny_tokenizer, ids, quant_type, double_quant, blocksize):
+def test_other_settings_load_in_transformers(
+    tmp_path, tiny_tokenizer, ids, quant_type, double_quant, blocksize
+):
     # Rows a multiple of the blocksize: bitsandbytes 0.50's CPU dequantize kernel mis-reads blocks that
     # straddle two rows (in_features % blocksize != 0), although the stored bytes are the same.
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, seed=2)
     quantize_model(
-        model, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, compute_dtype=torch.float32
+        model,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        compute_dtype=torch.float32,
     )
     out = save_quantized(model, None, tmp_path / "q")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -207,7 +224,9 @@ def test_other_settings_load_in_transformers(tmp_path, tiny_tokenizer, ids, quan
 def test_extra_skips_are_written_so_transformers_keeps_them(tmp_path, tiny_tokenizer, ids):
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), seed=4)
     report = quantize_model(
-        model, skip=("lm_head", "mlp.down_proj", "model.layers.1.self_attn.q_proj"), compute_dtype=torch.float32
+        model,
+        skip=("lm_head", "mlp.down_proj", "model.layers.1.self_attn.q_proj"),
+        compute_dtype=torch.float32,
     )
     assert {name for name, _ in report.skipped} == {
         "lm_head",
@@ -296,7 +315,9 @@ def test_original_weights_are_freed_layer_by_layer(tiny_tokenizer):
 
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
     for name in names:
-        weakref.finalize(model.get_submodule(name).weight, lambda n=name: freed_when.__setitem__(n, count_4bit()))
+        weakref.finalize(
+            model.get_submodule(name).weight, lambda n=name: freed_when.__setitem__(n, count_4bit())
+        )
     quantize_model(model, compute_dtype=torch.float32)
     # the k-th layer's weight is gone before the (k+1)-th layer is quantized
     assert [freed_when.get(n) for n in names] == list(range(1, len(names) + 1))
@@ -400,3 +421,12 @@ def test_nothing_to_quantize_and_bad_skip(tiny_tokenizer):
         quantize_model(nn.Sequential(nn.Embedding(4, 4)))
     with pytest.raises(QuantizationError, match="quantize_model"):
         save_quantized(model, None, "/nonexistent/never-written")
+
+
+def test_resaving_a_transformers_folder_keeps_every_byte(bnb_dir, tmp_path):
+    model = load_quantized(bnb_dir, compute_dtype=torch.float32)
+    out = save_quantized(model, None, tmp_path / "resaved")
+    theirs, mine = read_all(bnb_dir), read_all(out)
+    assert sorted(mine) == sorted(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) and mine[k].dtype == theirs[k].dtype for k in theirs)
+    assert (out / "config.json").read_text() == (bnb_dir / "config.json").read_text()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qlorakit.config import QuantConfig
-from qlorakit.errors import ConfigError, ModelError
+from qlorakit.errors import CheckpointError, ConfigError, ModelError
 
 TextCallback = Callable[[str], None]
 
@@ -214,7 +214,14 @@ def load_base(
 
     quant = quant or QuantConfig()
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
-    model, tokenizer = load_model(spec, dtype=compute_dtype)
+    from safetensors import SafetensorError
+
+    try:
+        model, tokenizer = load_model(spec, dtype=compute_dtype)
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"model {spec}: a safetensors file is corrupt or truncated ({exc}); re-download or re-export it"
+        ) from exc
     if four_bit and not is_four_bit(model):
         from qlorakit.quant.convert import quantize_model
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from qlorakit.errors import ConfigError, DataError
+from qlorakit.errors import DataError, DependencyError
 
 References = Sequence[str] | Sequence[Sequence[str]]
 _SPACES = re.compile(r"\s+")
@@ -56,7 +56,7 @@ def _require(module: str, package: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ConfigError(
+        raise DependencyError(
             f"this metric needs the {package} package: pip install {package} (or pip install 'qlorakit[metrics]')"
         ) from exc
 

@@ -12,7 +12,7 @@ What makes the file llama.cpp's:
 
 Tensors are streamed one at a time from the safetensors files: the header and tensor table are written
 from shapes alone, then each tensor is read, converted and appended. The file is written beside the
-target and renamed into place.
+target and renamed into place (`atomic_open`), so a failed export leaves any earlier file untouched.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlorakit.atomic import atomic_open
 from qlorakit.errors import FormatError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -347,6 +346,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f1
     `dtype`: f16 (default), bf16, q8_0 or f32 for the 2-D weights; norms and 1-D tensors are f32.
     """
     import gguf
+    from gguf.gguf_writer import WriterState
 
     start = time.perf_counter()
     model_dir, out_file = Path(model_dir), Path(out_file)
@@ -355,38 +355,27 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f1
     cfg = _read_config(model_dir)
     n_vocab = int(cfg["vocab_size"])
     plans = _plan(model_dir, cfg, dtype)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
-        _add_metadata(writer, cfg, model_dir, dtype, n_vocab)
-        _add_tokenizer(writer, model_dir, n_vocab)
-        for plan in plans:
-            np_dtype, np_shape, nbytes = _tensor_bytes(plan)
-            raw = (
-                None
-                if plan.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-                else plan.qtype
-            )
-            writer.add_tensor_info(plan.gguf_name, np_shape, np_dtype, nbytes, raw_dtype=raw)
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_metadata(writer, cfg, model_dir, dtype, n_vocab)
+    _add_tokenizer(writer, model_dir, n_vocab)
+    for plan in plans:
+        np_dtype, np_shape, nbytes = _tensor_bytes(plan)
+        raw = (
+            None
+            if plan.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            else plan.qtype
+        )
+        writer.add_tensor_info(plan.gguf_name, np_shape, np_dtype, nbytes, raw_dtype=raw)
+    with atomic_open(out_file) as fh:
+        # The writer streams into our handle (what its open_output_file does with a path of its own), so
+        # the file appears only once every tensor is written; atomic_open flushes, fsyncs and closes it.
+        writer.fout, writer.state = [fh], WriterState.EMPTY
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for plan, tensor in _tensors(plans, cfg):
             writer.write_tensor_data(_convert(plan, cfg, tensor))
-        assert writer.fout is not None
-        for fh in writer.fout:
-            fh.flush()
-            os.fsync(fh.fileno())
-        writer.close()
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+        writer.fout = None  # the handle belongs to atomic_open
     return _summary(plans, out_file, dtype, n_vocab, time.perf_counter() - start)
 
 

@@ -326,7 +326,7 @@ def export_hf(
     """
     from qlorakit.atomic import atomic_directory
     from qlorakit.config import QuantConfig
-    from qlorakit.export.merge import dense_tensors, load_for_export
+    from qlorakit.export.merge import load_for_export
 
     torch_dtype = parse_dtype(dtype)
     parse_size(max_shard_size)

@@ -195,7 +195,7 @@ def _wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str)
     return paths
 
 
-def _set_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
+def set_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
@@ -245,7 +245,7 @@ def inject_lora(
             _set_module(model, path, layer)
     saved = _wrap_modules_to_save(model, list(cfg.modules_to_save), adapter_name)
     set_active_adapter(model, adapter_name)
-    _set_trainable(model, adapter_name, cfg.bias)
+    set_trainable(model, adapter_name, cfg.bias)
     trainable, total = count_parameters(model)
     return InjectReport(targets=targets, trainable=trainable, total=total, modules_to_save=saved)
 

@@ -21,12 +21,12 @@ from qlorakit.config import LoRAConfig, config_from_dict
 from qlorakit.errors import CheckpointError, ConfigError, FormatError, ModelError
 from qlorakit.lora.inject import (
     ALL_LINEAR,
-    _set_trainable,
     inject_lora,
     lora_layers,
     modules_to_save_paths,
     pattern_value,
     select_targets,
+    set_trainable,
     trainable_bias_params,
 )
 from qlorakit.lora.layer import LoRALinear, lora_scaling
@@ -375,7 +375,7 @@ def load_adapter(
         for key, value in tensors.items():
             live[key].copy_(value.to(device=live[key].device, dtype=live[key].dtype))
     if is_trainable:
-        _set_trainable(model, adapter_name, cfg.bias)
+        set_trainable(model, adapter_name, cfg.bias)
     else:
         model.requires_grad_(False)
     return cfg

@@ -7,6 +7,7 @@ chunks) to form grad_input = grad_output @ W. W never receives a gradient; the b
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -32,8 +33,24 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16).
+
+    oneDNN reports bf16 "support" on any AVX-512 CPU, but without these instructions it emulates bf16 and a
+    bf16 matmul runs ~4x slower than fp32 (measured: 870 ms vs 217 ms for 1024x4096 @ 4096x4096), so the
+    instruction flags are what decide. Off Linux, fall back to torch's CPU capability string.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
 
 
 def check_compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,131 @@
+"""`qlorakit compare CONFIG [--out DIR] [--section.key=value ...]`: 16-bit LoRA vs QLoRA on one config.
+
+Runs `qlorakit train` twice with the same data, seed and steps, once with `--quant.enabled=false` (16-bit
+base) and once with `--quant.enabled=true` (NF4 base), each in its own Python process so each run's peak
+memory is its own, then writes `<out>/report.md` with a table, a computed conclusion and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from qlorakit.errors import ConfigError, QLoraKitError
+
+# (folder name, report label, quant.enabled)
+RUNS = (("lora16", "16-bit LoRA", False), ("qlora", "QLoRA", True))
+_RESERVED = ("--quant.enabled=", "--output.dir=")
+
+
+class CompareRunError(QLoraKitError):
+    """One of the two training processes failed; its own error message is printed above this one."""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        usage="qlorakit compare [-h] [--out DIR] [--report-only] CONFIG.yaml [--section.key=value ...]",
+        help="train 16-bit LoRA and QLoRA on the same config and report memory, speed and loss",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="a YAML config file (as for qlorakit train)")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: the config's output.dir + '-compare')"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="do not train: rebuild the report from the runs already in --out",
+    )
+    parser.set_defaults(func=run, overrides=[])
+    _accept_overrides(parser)
+
+
+def _accept_overrides(parser: argparse.ArgumentParser) -> None:
+    """Let `--section.key=value` through argparse into `args.overrides` (other unknown options stay errors)."""
+    from qlorakit.commands.train import is_override
+
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        args = list(args or [])
+        ns, extra = parse_known(args=[a for a in args if not is_override(a)], namespace=namespace)
+        ns.overrides = [a for a in args if is_override(a)]
+        return ns, extra
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def train_command(config: str, overrides: list[str], quant: bool, out_dir: Path) -> list[str]:
+    """The `qlorakit train` command line of one run (the user's overrides first, the run's own last)."""
+    return [
+        sys.executable,
+        "-m",
+        "qlorakit",
+        "train",
+        config,
+        *overrides,
+        f"--quant.enabled={'true' if quant else 'false'}",
+        f"--output.dir={out_dir}",
+    ]
+
+
+def _check(config: str, overrides: list[str], out: Path | None) -> Path:
+    """Validate the config and overrides for both runs before any training; returns the output folder."""
+    from qlorakit.config import load_config
+
+    clashes = [o for o in overrides if o.startswith(_RESERVED)]
+    if clashes:
+        raise ConfigError(
+            f"{', '.join(clashes)}: compare sets quant.enabled and output.dir itself for each run; "
+            "drop the override (use --out DIR for the output folder)"
+        )
+    cfg = load_config(config, overrides)
+    for _, _, quant in RUNS:
+        load_config(config, [*overrides, f"--quant.enabled={'true' if quant else 'false'}"])
+    return out if out is not None else Path(f"{cfg.output.dir}-compare")
+
+
+def _run_one(command: list[str], label: str) -> None:
+    print(f"== {label}: {shlex.join(command)}", flush=True)
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise CompareRunError(
+            f"the {label} run failed (exit status {code}); its error is printed above. Command: "
+            f"{shlex.join(command)}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlorakit.compare import conclusion, read_run, require_matplotlib, write_report
+
+    overrides = list(args.overrides)
+    out = _check(args.config, overrides, Path(args.out) if args.out else None)
+    folders = {name: out / name for name, _, _ in RUNS}
+    commands = {
+        label: train_command(args.config, overrides, quant, folders[name]) for name, label, quant in RUNS
+    }
+    if not args.report_only:
+        require_matplotlib()  # fail now, not after two trainings, when matplotlib is missing
+        for name, _, _ in RUNS:
+            if folders[name].exists() and any(folders[name].iterdir()):
+                raise ConfigError(
+                    f"{folders[name]} already holds a run; choose another --out, delete that folder, or "
+                    "pass --report-only to rebuild the report from the runs there"
+                )
+        for _, label, _ in RUNS:
+            _run_one(commands[label], label)
+    report = write_report(
+        out,
+        folders["lora16"],
+        folders["qlora"],
+        commands={label: shlex.join(cmd) for label, cmd in commands.items()},
+    )
+    lora, qlora = read_run(folders["lora16"], RUNS[0][1]), read_run(folders["qlora"], RUNS[1][1])
+    print(f"\n{conclusion(lora, qlora)}\nreport: {report} (plots beside it)")
+    return 0

@@ -1,0 +1,303 @@
+"""The 16-bit LoRA vs QLoRA comparison report, built from two finished `qlorakit train` output folders.
+
+Each run folder holds what the training pipeline writes: `summary.json` (peak RSS, throughput, losses,
+held-out exact match), `metrics.jsonl` (one record per logged step, `split` train or val), the adapter
+(`adapter_model.safetensors`) and `config.yaml`. Nothing here trains: `read_run` reads a folder,
+`build_report` turns two runs into Markdown (a pure function), and `write_report` adds the plots and writes
+everything atomically. `qlorakit compare` (commands/compare.py) runs the two trainings, then calls it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlorakit.atomic import atomic_write_bytes, atomic_write_text
+from qlorakit.errors import CheckpointError, DependencyError
+
+REPORT = "report.md"
+PLOTS = {"loss": "loss_curves.png", "memory": "peak_memory.png", "speed": "speed.png"}
+SUMMARY = "summary.json"
+# Keys of the resolved config that are allowed to differ between the two runs.
+_EXPECTED_DIFFERENCES = ("quant.enabled", "output.dir")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished training run, as its output folder describes it."""
+
+    label: str
+    folder: Path
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+    adapter_bytes: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return float(self.summary["peak_rss_mib"])
+
+    @property
+    def mean_step_time_s(self) -> float:
+        """Training time (forward, backward, optimizer; no evaluation) per optimizer step."""
+        return float(self.summary["train_time_s"]) / max(1, int(self.summary["steps"]))
+
+    @property
+    def median_step_time_s(self) -> float:
+        """Median seconds per step over the logged intervals; the first interval (one-time warm-up such as
+        allocator growth) is left out when there are others."""
+        return median_step_time(self.records) or self.mean_step_time_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.summary["tokens_per_s"])
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.summary.get("val_loss_after")
+
+
+def median_step_time(records: Sequence[dict[str, Any]]) -> float | None:
+    """Median of (elapsed time / steps) between consecutive `train` records; None without records.
+
+    `elapsed_s` is the cumulative training time the loop logs, so a record every k steps gives k-step means.
+    """
+    rows = sorted((r for r in records if r.get("split") == "train"), key=lambda r: r["step"])
+    points = [(0, 0.0)] + [(int(r["step"]), float(r["elapsed_s"])) for r in rows]
+    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:], strict=False) if s1 > s0]
+    if not rates:
+        return None
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def read_run(folder: str | Path, label: str) -> RunResult:
+    """A finished run folder (see module doc); CheckpointError naming the missing file otherwise."""
+    import yaml
+
+    from qlorakit.lora.peft_format import WEIGHTS_NAME
+    from qlorakit.train.metrics import JSONL, read_records
+
+    folder = Path(folder)
+    summary_path = folder / SUMMARY
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"{summary_path} is missing: the {label} run did not finish (rerun it, or check its output)"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {summary_path}: {exc}") from exc
+    missing = [k for k in ("peak_rss_mib", "train_time_s", "steps", "tokens_per_s") if k not in summary]
+    if missing:
+        raise CheckpointError(
+            f"{summary_path} has no {', '.join(missing)}; was it written by qlorakit train?"
+        )
+    adapter = folder / WEIGHTS_NAME
+    if not adapter.is_file():
+        raise CheckpointError(f"{adapter} is missing: the {label} run saved no adapter")
+    config: dict[str, Any] = {}
+    if (folder / "config.yaml").is_file():
+        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+    records = read_records(folder / JSONL)
+    return RunResult(label, folder, summary, records, adapter.stat().st_size, config)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def setting_differences(a: RunResult, b: RunResult) -> list[str]:
+    """Resolved-config keys that differ between the runs besides the quantization switch and folder."""
+    fa, fb = _flatten(a.config), _flatten(b.config)
+    if not fa or not fb:
+        return []
+    keys = sorted((set(fa) | set(fb)) - set(_EXPECTED_DIFFERENCES))
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
+
+
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _exact(s: dict[str, Any]) -> str:
+    if "exact_before" not in s or "samples" not in s:
+        return "n/a"
+    n = s["samples"]
+    return f"{s['exact_before']}/{n} → {s['exact_after']}/{n}"
+
+
+def _size(n: int) -> str:
+    from qlorakit.estimate import format_bytes
+
+    return format_bytes(n)
+
+
+def table_rows(lora: RunResult, qlora: RunResult) -> list[tuple[str, str, str]]:
+    """(metric, 16-bit LoRA, QLoRA) rows of the report table."""
+
+    def row(name: str, fmt: Any) -> tuple[str, str, str]:
+        return name, fmt(lora), fmt(qlora)
+
+    return [
+        row("Base weights", lambda r: str(r.summary.get("quantization", "n/a"))),
+        row("Peak memory (RSS, whole process)", lambda r: f"{r.peak_rss_mib:,.0f} MiB"),
+        row("Step time (median)", lambda r: f"{r.median_step_time_s:.3f} s"),
+        row("Step time (mean)", lambda r: f"{r.mean_step_time_s:.3f} s"),
+        row("Throughput", lambda r: f"{r.tokens_per_s:,.1f} tokens/s"),
+        row("Steps", lambda r: str(r.summary["steps"])),
+        row("Final train loss", lambda r: _loss(r.summary.get("final_train_loss"))),
+        row("Validation loss before → after", lambda r: (
+            f"{_loss(r.summary.get('val_loss_before'))} → {_loss(r.final_val_loss)}"
+        )),
+        row("Best validation loss", lambda r: _loss(r.summary.get("best_val_loss"))),
+        row("Held-out exact match before → after", lambda r: _exact(r.summary)),
+        row("Adapter size on disk", lambda r: _size(r.adapter_bytes)),
+        row("Wall time (load, train, evaluate)", lambda r: f"{float(r.summary.get('wall_time_s', 0.0)):.1f} s"),
+    ]  # fmt: skip
+
+
+def conclusion(lora: RunResult, qlora: RunResult) -> str:
+    """One computed sentence: memory saved, step-time ratio and the loss difference."""
+    saving = 1.0 - qlora.peak_rss_mib / lora.peak_rss_mib
+    memory = f"{abs(saving) * 100:.0f}% {'less' if saving >= 0 else 'more'} peak memory"
+    memory += f" ({qlora.peak_rss_mib:,.0f} vs {lora.peak_rss_mib:,.0f} MiB)"
+    ratio = qlora.median_step_time_s / lora.median_step_time_s
+    text = f"QLoRA used {memory} than 16-bit LoRA at {ratio:.2f}× the step time"
+    if qlora.final_val_loss is not None and lora.final_val_loss is not None:
+        diff, kind = qlora.final_val_loss - lora.final_val_loss, "validation"
+        a, b = qlora.final_val_loss, lora.final_val_loss
+    else:
+        a, b = qlora.summary.get("final_train_loss"), lora.summary.get("final_train_loss")
+        diff, kind = (None if a is None or b is None else a - b), "train"
+    if diff is None:
+        return text + "."
+    return f"{text}; final {kind} loss differs by {diff:+.4f} ({a:.4f} vs {b:.4f})."
+
+
+def build_report(lora: RunResult, qlora: RunResult, commands: dict[str, str] | None = None) -> str:
+    """The Markdown report (pure: no file is read or written)."""
+    s = lora.summary
+    header = [
+        "# 16-bit LoRA vs QLoRA",
+        "",
+        f"Base model `{s.get('base_model', 'n/a')}`, LoRA r={s.get('lora_r', 'n/a')} alpha={s.get('lora_alpha', 'n/a')}; "
+        "the same data, seed and number of steps for both runs, each in its own process (so each peak "
+        "memory is that run's alone).",
+        "",
+        f"**{conclusion(lora, qlora)}**",
+        "",
+        "| Metric | 16-bit LoRA | QLoRA |",
+        "| --- | ---: | ---: |",
+    ]
+    body = [f"| {name} | {a} | {b} |" for name, a, b in table_rows(lora, qlora)]
+    notes = [
+        "",
+        "Peak memory is the process's peak resident set size (loading, training and evaluation). Step time "
+        "counts forward, backward and optimizer work; throughput is input tokens per second of training "
+        "time. Exact match compares greedy generations on held-out rows with their reference answers.",
+    ]
+    differences = setting_differences(lora, qlora)
+    if differences:
+        notes += ["", "**Warning: the runs differ in more than quantization:**", ""]
+        notes += [f"- {d}" for d in differences]
+    plots = ["", "## Plots", "", f"![Loss curves]({PLOTS['loss']})", "", f"![Peak memory]({PLOTS['memory']})"]
+    plots += ["", f"![Speed]({PLOTS['speed']})"]
+    runs = ["", "## Runs", ""]
+    for run in (lora, qlora):
+        runs.append(f"- {run.label}: `{run.folder}`")
+        if commands and run.label in commands:
+            runs.append(f"  - command: `{commands[run.label]}`")
+    return "\n".join(header + body + notes + plots + runs) + "\n"
+
+
+def require_matplotlib() -> Any:
+    """`matplotlib.pyplot` on the Agg backend, or DependencyError with the install command."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise DependencyError(
+            "the comparison plots need matplotlib: pip install matplotlib (or pip install 'qlorakit[metrics]')"
+        ) from exc
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    require_matplotlib().close(fig)
+    return buf.getvalue()
+
+
+def plot_loss_curves(runs: Sequence[RunResult]) -> bytes:
+    """Train (lines) and validation (markers) loss of every run against the step, one axes; PNG bytes."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        for split, style in (("train", "-"), ("val", "o--")):
+            rows = [r for r in run.records if r.get("split") == split and r.get("loss") is not None]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, color=color,
+                        label=f"{run.label} {split}")  # fmt: skip
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / label token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def _bars(ax: Any, runs: Sequence[RunResult], values: list[float], unit: str, fmt: str) -> None:
+    bars = ax.bar([r.label for r in runs], values, color=[f"C{i}" for i in range(len(runs))])
+    for bar, value in zip(bars, values, strict=True):
+        ax.annotate(format(value, fmt), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom")  # fmt: skip
+    ax.set_ylabel(unit)
+    ax.margins(y=0.15)
+
+
+def plot_peak_memory(runs: Sequence[RunResult]) -> bytes:
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    _bars(ax, runs, [r.peak_rss_mib for r in runs], "peak RSS (MiB)", ",.0f")
+    ax.set_title("Peak memory")
+    return _png(fig)
+
+
+def plot_speed(runs: Sequence[RunResult]) -> bytes:
+    """Median step time and training throughput side by side; PNG bytes."""
+    plt = require_matplotlib()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), dpi=100)
+    _bars(left, runs, [r.median_step_time_s for r in runs], "seconds per step (median)", ".3f")
+    left.set_title("Step time")
+    _bars(right, runs, [r.tokens_per_s for r in runs], "tokens / s", ",.1f")
+    right.set_title("Throughput")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def write_report(
+    out: str | Path, lora_dir: str | Path, qlora_dir: str | Path, commands: dict[str, str] | None = None
+) -> Path:
+    """Read both run folders and write `report.md` and the three PNG plots into `out`; returns the report."""
+    out = Path(out)
+    lora, qlora = read_run(lora_dir, "16-bit LoRA"), read_run(qlora_dir, "QLoRA")
+    runs = (lora, qlora)
+    images = {"loss": plot_loss_curves(runs), "memory": plot_peak_memory(runs), "speed": plot_speed(runs)}
+    for key, data in images.items():
+        atomic_write_bytes(out / PLOTS[key], data)
+    return atomic_write_text(out / REPORT, build_report(lora, qlora, commands))

@@ -1,0 +1,227 @@
+"""`qlorakit compare`: the report builder on synthetic run folders, and the real command end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from qlorakit.cli import main
+from qlorakit.compare import (
+    PLOTS,
+    REPORT,
+    build_report,
+    conclusion,
+    median_step_time,
+    read_run,
+    setting_differences,
+    write_report,
+)
+from qlorakit.errors import CheckpointError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png(path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.std() > 0  # something was drawn
+
+
+def _synthetic_run(folder, *, peak, elapsed, val, train_loss, quantization, seed=7, adapter_rows=8):
+    """A run folder as `qlorakit train` leaves it, with chosen numbers (elapsed_s per logged step)."""
+    folder.mkdir(parents=True)
+    steps = len(elapsed)
+    records = []
+    for step, t in enumerate(elapsed, start=1):
+        records.append({"step": step, "split": "train", "loss": 3.0 - 0.1 * step, "elapsed_s": t,
+                        "tokens": 100 * step, "tokens_per_s": 100.0})  # fmt: skip
+        if step % 2 == 0:
+            records.append(
+                {"step": step, "split": "val", "loss": val + 0.05 * (steps - step), "elapsed_s": t}
+            )
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {
+        "base_model": "tiny",
+        "quantization": quantization,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "steps": steps,
+        "final_train_loss": train_loss,
+        "val_loss_before": 3.5,
+        "val_loss_after": val,
+        "best_val_loss": val,
+        "samples": 2,
+        "exact_before": 0,
+        "exact_after": 1,
+        "wall_time_s": 30.0,
+        "train_time_s": elapsed[-1],
+        "tokens_per_s": 100 * steps / elapsed[-1],
+        "peak_rss_mib": peak,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    save_file({"lora_A": torch.zeros(adapter_rows, 64), "lora_B": torch.zeros(64, adapter_rows)},
+              str(folder / "adapter_model.safetensors"))  # fmt: skip
+    config = {"quant": {"enabled": quantization != "16-bit"}, "train": {"seed": seed, "max_steps": steps},
+              "output": {"dir": str(folder)}}  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_median_step_time_uses_the_logged_intervals():
+    records = [{"step": s, "split": "train", "elapsed_s": t} for s, t in ((2, 5.0), (4, 6.0), (6, 7.2))]
+    records.append({"step": 6, "split": "val", "elapsed_s": 99.0})  # validation rows are ignored
+    # intervals: 5.0/2 (first: warm-up, dropped), 1.0/2, 1.2/2 -> median 0.55
+    assert median_step_time(records) == pytest.approx(0.55)
+    assert median_step_time(records[:1]) == pytest.approx(2.5)
+    assert median_step_time([]) is None
+
+
+def test_report_builder_on_synthetic_runs(tmp_path):
+    lora_dir = _synthetic_run(tmp_path / "lora16", peak=1000.0, elapsed=[2.0, 2.5, 3.0, 3.5], val=2.5,
+                              train_loss=2.6, quantization="16-bit", adapter_rows=8)  # fmt: skip
+    qlora_dir = _synthetic_run(tmp_path / "qlora", peak=600.0, elapsed=[3.0, 3.75, 4.5, 5.25], val=2.52,
+                               train_loss=2.61, quantization="nf4 4-bit", adapter_rows=8)  # fmt: skip
+    report_path = write_report(tmp_path / "out", lora_dir, qlora_dir, commands={"QLoRA": "qlorakit train x"})
+    assert report_path == tmp_path / "out" / REPORT
+    text = report_path.read_text()
+    # numbers computed from the synthetic folders: memory 1 - 600/1000, median steps 0.75 / 0.5
+    expected = (
+        "QLoRA used 40% less peak memory (600 vs 1,000 MiB) than 16-bit LoRA at 1.50× the step time; "
+        "final validation loss differs by +0.0200 (2.5200 vs 2.5000)."
+    )
+    assert expected in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+            for line in text.splitlines() if line.startswith("| ")}  # fmt: skip
+    assert rows["Peak memory (RSS, whole process)"] == ["1,000 MiB", "600 MiB"]
+    assert rows["Step time (median)"] == ["0.500 s", "0.750 s"]
+    assert rows["Step time (mean)"] == [f"{3.5 / 4:.3f} s", f"{5.25 / 4:.3f} s"]
+    assert rows["Throughput"] == [f"{400 / 3.5:,.1f} tokens/s", f"{400 / 5.25:,.1f} tokens/s"]
+    assert rows["Final train loss"] == ["2.6000", "2.6100"]
+    assert rows["Validation loss before → after"] == ["3.5000 → 2.5000", "3.5000 → 2.5200"]
+    assert rows["Held-out exact match before → after"] == ["0/2 → 1/2", "0/2 → 1/2"]
+    size = (lora_dir / "adapter_model.safetensors").stat().st_size
+    assert rows["Adapter size on disk"] == [f"{size / 1024:.2f} KiB"] * 2
+    assert rows["Base weights"] == ["16-bit", "nf4 4-bit"]
+    assert "command: `qlorakit train x`" in text and "Warning" not in text
+    for name in PLOTS.values():
+        assert f"]({name})" in text
+        _assert_png(tmp_path / "out" / name)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([REPORT, *PLOTS.values()])
+
+
+def test_report_warns_when_the_runs_differ_in_more_than_quantization(tmp_path):
+    lora = read_run(_synthetic_run(tmp_path / "a", peak=500.0, elapsed=[1.0, 2.0], val=2.0, train_loss=2.0,
+                                   quantization="16-bit", seed=1), "16-bit LoRA")  # fmt: skip
+    qlora = read_run(_synthetic_run(tmp_path / "b", peak=550.0, elapsed=[1.0, 3.0], val=1.9, train_loss=2.0,
+                                    quantization="nf4 4-bit", seed=2), "QLoRA")  # fmt: skip
+    assert setting_differences(lora, qlora) == ["train.seed: 1 vs 2"]
+    text = build_report(lora, qlora)
+    assert "Warning" in text and "train.seed: 1 vs 2" in text
+    # more memory and a lower loss are reported as such
+    assert conclusion(lora, qlora) == (
+        "QLoRA used 10% more peak memory (550 vs 500 MiB) than 16-bit LoRA at 2.00× the step time; "
+        "final validation loss differs by -0.1000 (1.9000 vs 2.0000)."
+    )
+
+
+def test_unfinished_run_folder_is_named(tmp_path):
+    folder = _synthetic_run(
+        tmp_path / "run", peak=1.0, elapsed=[1.0], val=1.0, train_loss=1.0, quantization="x"
+    )
+    (folder / "summary.json").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(folder / "summary.json"))):
+        read_run(folder, "QLoRA")
+    with pytest.raises(CheckpointError, match="did not finish"):
+        write_report(tmp_path / "out", folder, folder)
+    assert not (tmp_path / "out" / REPORT).exists()
+
+
+def _tiny_setup(root, rows: int = 40):
+    """A tiny Llama folder + tokenizer, a tiny Alpaca file and a YAML config pointing at them."""
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(vocab_size=len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = ["hello", "fox", "dog", "brown", "quick", "lazy"]
+    data = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
+            for w in (rng.choice(words) for _ in range(rows))]  # fmt: skip
+    (root / "alpaca.json").write_text(json.dumps(data))
+    cfg = {
+        "model": {"name": str(root / "model")},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"datasets": [{"path": str(root / "alpaca.json")}], "max_length": 48, "val_ratio": 0.2},
+        "train": {
+            "max_steps": 20,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "eval_every": 2,
+            "save_every": 50,
+            "num_threads": 1,
+            "seed": 3,
+        },  # fmt: skip
+        "output": {"dir": str(root / "unused"), "samples": 2, "tensorboard": False},
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "train.yaml"
+
+
+def test_cli_rejects_clashing_overrides_and_existing_runs(tmp_path, capsys):
+    config = _tiny_setup(tmp_path)
+    assert main(["compare", str(config), "--out", str(tmp_path / "c"), "--output.dir=x"]) == 2
+    assert "--output.dir=x" in capsys.readouterr().err
+    assert main(["compare", str(config), "--train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    (tmp_path / "c" / "lora16").mkdir(parents=True)
+    (tmp_path / "c" / "lora16" / "metrics.jsonl").write_text("")
+    assert main(["compare", str(config), "--out", str(tmp_path / "c")]) == 2
+    assert "--report-only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    config = _tiny_setup(tmp_path)
+    out = tmp_path / "cmp"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["compare", str(config), "--out", str(out), "--train.max_steps=4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    for name, enabled in (("lora16", False), ("qlora", True)):
+        resolved = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert resolved["quant"]["enabled"] is enabled
+        assert resolved["train"]["max_steps"] == 4 and resolved["train"]["seed"] == 3
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["steps"] == 4 and summary["peak_rss_mib"] > 100
+    text = (out / REPORT).read_text()
+    lora, qlora = read_run(out / "lora16", "16-bit LoRA"), read_run(out / "qlora", "QLoRA")
+    sentence = conclusion(lora, qlora)
+    assert re.fullmatch(
+        r"QLoRA used \d+% (less|more) peak memory \([\d,]+ vs [\d,]+ MiB\) than 16-bit LoRA at [\d.]+× the "
+        r"step time; final validation loss differs by [-+][\d.]+ \([\d.]+ vs [\d.]+\)\.",
+        sentence,
+    )
+    assert sentence in text and sentence in printed
+    assert "nf4 4-bit" in text and "16-bit (no quantization)" in text
+    assert f"{lora.peak_rss_mib:,.0f} MiB" in text and f"{qlora.peak_rss_mib:,.0f} MiB" in text
+    assert "--quant.enabled=false" in text and "--quant.enabled=true" in text
+    assert "Warning" not in text  # the two runs differ only in quantization and folder
+    # both adapters have the same tensors, so the same size; the val curves have one point per 2 steps
+    assert lora.adapter_bytes == qlora.adapter_bytes > 0
+    assert [r["step"] for r in qlora.records if r["split"] == "val"] == [2, 4]
+    for name in PLOTS.values():
+        _assert_png(out / name)
+    # the report can be rebuilt from the finished runs without training again
+    (out / REPORT).unlink()
+    assert main(["compare", str(config), "--out", str(out), "--train.max_steps=4", "--report-only"]) == 0
+    assert (out / REPORT).read_text().split("## Runs")[0] == text.split("## Runs")[0]
