@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,10 @@ def convert_gguf(gguf_path: str | os.PathLike[str], *, name: str | None = None) 
     with _file_lock(target.with_name(f".{target.name}.lock")):
         if _cache_is_valid(target, fingerprint):  # another process converted it while we waited
             return target
+        print(
+            f"qlorakit: converting {path.name} to a safetensors folder (once; cached in {target})",
+            file=sys.stderr,
+        )
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = transformers.AutoModelForCausalLM.from_pretrained(

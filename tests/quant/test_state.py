@@ -44,6 +44,12 @@ def weight(shape=(48, 80), dtype=torch.bfloat16, seed=0):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dtype)
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Unseeded draws in a test are reproducible too."""
+    torch.manual_seed(0)
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
