@@ -27,13 +27,28 @@ from pathlib import Path
 
 # name -> LlamaConfig sizes of a random-init model (the vocabulary is SmolLM2's, so its tokenizer fits)
 SIZES = {
-    "llama-tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2),
-    "llama-48m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-                      num_key_value_heads=2),
-    "llama-357m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
-                       num_attention_heads=16, num_key_value_heads=8),
-}  # fmt: skip
+    "llama-tiny": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "llama-48m": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+    ),
+    "llama-357m": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    ),
+}
 METHODS = (("lora", False), ("qlora", True))
 WORDS = [
     "the",
@@ -77,9 +92,14 @@ def make_model_dir(root: Path, name: str, tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**SIZES[name], vocab_size=len(tokenizer), max_position_embeddings=2048,
-                      tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    cfg = LlamaConfig(
+        **SIZES[name],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     out = root / name
     model.save_pretrained(out)
@@ -178,9 +198,18 @@ def predict(model: str, method: str, args: argparse.Namespace, dtype_name: str):
     from qlorakit.estimate import ModelShape, estimate_memory
 
     shape = ModelShape.from_config(model)
-    return shape, estimate_memory(shape, method=method, batch=args.batch, seq=args.seq, r=args.r,
-                                  targets="all-linear", grad_checkpointing=True, compute_dtype=dtype_name,
-                                  optimizer="adamw", lora_dropout=0.05)  # fmt: skip
+    return shape, estimate_memory(
+        shape,
+        method=method,
+        batch=args.batch,
+        seq=args.seq,
+        r=args.r,
+        targets="all-linear",
+        grad_checkpointing=True,
+        compute_dtype=dtype_name,
+        optimizer="adamw",
+        lora_dropout=0.05,
+    )
 
 
 def main() -> None:
@@ -202,18 +231,30 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seq, args.steps = min(args.seq, 64), 1
-    names = (args.models.split(",") if args.models else
-             ["llama-tiny"] if args.quick else ["smollm2-135m", "llama-48m"] + (["llama-357m"] if args.large else []))  # fmt: skip
+    names = (
+        args.models.split(",")
+        if args.models
+        else ["llama-tiny"]
+        if args.quick
+        else ["smollm2-135m", "llama-48m"] + (["llama-357m"] if args.large else [])
+    )
 
     import torch
 
     from qlorakit.quant.linear import default_compute_dtype
 
     dtype_name = str(default_compute_dtype("cpu")).removeprefix("torch.")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(args.threads))  # fmt: skip
-    print(f"torch {torch.__version__}, compute dtype {dtype_name}, batch {args.batch} x seq {args.seq}, "
-          f"r={args.r}, {args.steps} steps, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(args.threads),
+    )
+    print(
+        f"torch {torch.__version__}, compute dtype {dtype_name}, batch {args.batch} x seq {args.seq}, "
+        f"r={args.r}, {args.steps} steps, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}"
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-estimate-") as tmp:
         root = Path(tmp)
@@ -234,8 +275,11 @@ def main() -> None:
                 got = measure(command, env)
                 err = (est.peak / 2**20 - got["peak"]) / got["peak"] * 100
                 rows.append((name, shape.num_params() / 1e6, method, est, got, err))
-                print(f"  {name:13s} {method:5s} predicted {est.peak / 2**20:7.0f} MiB  measured {got['peak']:7.0f} "
-                      f"MiB  error {err:+6.1f}%  ({got['seconds']:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"  {name:13s} {method:5s} predicted {est.peak / 2**20:7.0f} MiB  measured {got['peak']:7.0f} "
+                    f"MiB  error {err:+6.1f}%  ({got['seconds']:.0f} s)",
+                    flush=True,
+                )
     print_table(rows)
 
 
@@ -246,9 +290,11 @@ def print_table(rows: list) -> None:
     print(header)
     print("-" * len(header))
     for name, params, method, est, got, err in rows:
-        print(f"{name:13s} {params:6.1f}M {method:6s} {est.loading / 2**20:7.0f} {est.training / 2**20:7.0f} "
-              f"{est.peak / 2**20:7.0f} {got['load_sampled']:7.0f} {got['train_sampled']:7.0f} {got['peak']:7.0f} "
-              f"{err:+6.1f}%")  # fmt: skip
+        print(
+            f"{name:13s} {params:6.1f}M {method:6s} {est.loading / 2**20:7.0f} {est.training / 2**20:7.0f} "
+            f"{est.peak / 2**20:7.0f} {got['load_sampled']:7.0f} {got['train_sampled']:7.0f} {got['peak']:7.0f} "
+            f"{err:+6.1f}%"
+        )
     worst = max(abs(r[-1]) for r in rows)
     print(f"\nworst |error| {worst:.1f}% (target: within 15%)")
     print(

@@ -43,8 +43,16 @@ def _synthetic_run(folder, *, peak, elapsed, val, train_loss, quantization, seed
     steps = len(elapsed)
     records = []
     for step, t in enumerate(elapsed, start=1):
-        records.append({"step": step, "split": "train", "loss": 3.0 - 0.1 * step, "elapsed_s": t,
-                        "tokens": 100 * step, "tokens_per_s": 100.0})  # fmt: skip
+        records.append(
+            {
+                "step": step,
+                "split": "train",
+                "loss": 3.0 - 0.1 * step,
+                "elapsed_s": t,
+                "tokens": 100 * step,
+                "tokens_per_s": 100.0,
+            }
+        )
         if step % 2 == 0:
             records.append(
                 {"step": step, "split": "val", "loss": val + 0.05 * (steps - step), "elapsed_s": t}
@@ -69,10 +77,15 @@ def _synthetic_run(folder, *, peak, elapsed, val, train_loss, quantization, seed
         "peak_rss_mib": peak,
     }
     (folder / "summary.json").write_text(json.dumps(summary))
-    save_file({"lora_A": torch.zeros(adapter_rows, 64), "lora_B": torch.zeros(64, adapter_rows)},
-              str(folder / "adapter_model.safetensors"))  # fmt: skip
-    config = {"quant": {"enabled": quantization != "16-bit"}, "train": {"seed": seed, "max_steps": steps},
-              "output": {"dir": str(folder)}}  # fmt: skip
+    save_file(
+        {"lora_A": torch.zeros(adapter_rows, 64), "lora_B": torch.zeros(64, adapter_rows)},
+        str(folder / "adapter_model.safetensors"),
+    )
+    config = {
+        "quant": {"enabled": quantization != "16-bit", "compute_dtype": "auto"},
+        "train": {"seed": seed, "max_steps": steps},
+        "output": {"dir": str(folder)},
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return folder
 
@@ -87,11 +100,27 @@ def test_median_step_time_uses_the_logged_intervals():
 
 
 def test_report_builder_on_synthetic_runs(tmp_path):
-    lora_dir = _synthetic_run(tmp_path / "lora16", peak=1000.0, elapsed=[2.0, 2.5, 3.0, 3.5], val=2.5,
-                              train_loss=2.6, quantization="16-bit", adapter_rows=8)  # fmt: skip
-    qlora_dir = _synthetic_run(tmp_path / "qlora", peak=600.0, elapsed=[3.0, 3.75, 4.5, 5.25], val=2.52,
-                               train_loss=2.61, quantization="nf4 4-bit", adapter_rows=8)  # fmt: skip
-    report_path = write_report(tmp_path / "out", lora_dir, qlora_dir, commands={"QLoRA": "qlorakit train x"})
+    lora_dir = _synthetic_run(
+        tmp_path / "lora16",
+        peak=1000.0,
+        elapsed=[2.0, 2.5, 3.0, 3.5],
+        val=2.5,
+        train_loss=2.6,
+        quantization="16-bit",
+        adapter_rows=8,
+    )
+    qlora_dir = _synthetic_run(
+        tmp_path / "qlora",
+        peak=600.0,
+        elapsed=[3.0, 3.75, 4.5, 5.25],
+        val=2.52,
+        train_loss=2.61,
+        quantization="nf4 4-bit",
+        adapter_rows=8,
+    )
+    report_path = write_report(
+        tmp_path / "out", lora_dir, qlora_dir, commands={"QLoRA": "qlorakit train x"}, auto_dtype="float32"
+    )
     assert report_path == tmp_path / "out" / REPORT
     text = report_path.read_text()
     # numbers computed from the synthetic folders: memory 1 - 600/1000, median steps 0.75 / 0.5
@@ -100,8 +129,11 @@ def test_report_builder_on_synthetic_runs(tmp_path):
         "final validation loss differs by +0.0200 (2.5200 vs 2.5000)."
     )
     assert expected in text
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
-            for line in text.splitlines() if line.startswith("| ")}  # fmt: skip
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
     assert rows["Peak memory (RSS, whole process)"] == ["1,000 MiB", "600 MiB"]
     assert rows["Step time (median)"] == ["0.500 s", "0.750 s"]
     assert rows["Step time (mean)"] == [f"{3.5 / 4:.3f} s", f"{5.25 / 4:.3f} s"]
@@ -112,6 +144,7 @@ def test_report_builder_on_synthetic_runs(tmp_path):
     size = (lora_dir / "adapter_model.safetensors").stat().st_size
     assert rows["Adapter size on disk"] == [f"{size / 1024:.2f} KiB"] * 2
     assert rows["Base weights"] == ["16-bit", "nf4 4-bit"]
+    assert rows["Compute dtype"] == ["auto (float32)", "auto (float32)"]
     assert "command: `qlorakit train x`" in text and "Warning" not in text
     for name in PLOTS.values():
         assert f"]({name})" in text
@@ -120,10 +153,30 @@ def test_report_builder_on_synthetic_runs(tmp_path):
 
 
 def test_report_warns_when_the_runs_differ_in_more_than_quantization(tmp_path):
-    lora = read_run(_synthetic_run(tmp_path / "a", peak=500.0, elapsed=[1.0, 2.0], val=2.0, train_loss=2.0,
-                                   quantization="16-bit", seed=1), "16-bit LoRA")  # fmt: skip
-    qlora = read_run(_synthetic_run(tmp_path / "b", peak=550.0, elapsed=[1.0, 3.0], val=1.9, train_loss=2.0,
-                                    quantization="nf4 4-bit", seed=2), "QLoRA")  # fmt: skip
+    lora = read_run(
+        _synthetic_run(
+            tmp_path / "a",
+            peak=500.0,
+            elapsed=[1.0, 2.0],
+            val=2.0,
+            train_loss=2.0,
+            quantization="16-bit",
+            seed=1,
+        ),
+        "16-bit LoRA",
+    )
+    qlora = read_run(
+        _synthetic_run(
+            tmp_path / "b",
+            peak=550.0,
+            elapsed=[1.0, 3.0],
+            val=1.9,
+            train_loss=2.0,
+            quantization="nf4 4-bit",
+            seed=2,
+        ),
+        "QLoRA",
+    )
     assert setting_differences(lora, qlora) == ["train.seed: 1 vs 2"]
     text = build_report(lora, qlora)
     assert "Warning" in text and "train.seed: 1 vs 2" in text
@@ -153,8 +206,10 @@ def _tiny_setup(root, rows: int = 40):
     tok.save_pretrained(root / "model")
     rng = random.Random(0)
     words = ["hello", "fox", "dog", "brown", "quick", "lazy"]
-    data = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
-            for w in (rng.choice(words) for _ in range(rows))]  # fmt: skip
+    data = [
+        {"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
+        for w in (rng.choice(words) for _ in range(rows))
+    ]
     (root / "alpaca.json").write_text(json.dumps(data))
     cfg = {
         "model": {"name": str(root / "model")},
@@ -168,7 +223,7 @@ def _tiny_setup(root, rows: int = 40):
             "save_every": 50,
             "num_threads": 1,
             "seed": 3,
-        },  # fmt: skip
+        },
         "output": {"dir": str(root / "unused"), "samples": 2, "tensorboard": False},
     }
     (root / "train.yaml").write_text(yaml.safe_dump(cfg))
@@ -213,6 +268,10 @@ def test_compare_end_to_end_on_a_tiny_model(tmp_path, capsys):
     )
     assert sentence in text and sentence in printed
     assert "nf4 4-bit" in text and "16-bit (no quantization)" in text
+    from qlorakit.train.recipe import resolve_compute_dtype
+
+    resolved = str(resolve_compute_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert f"| Compute dtype | auto ({resolved}) | auto ({resolved}) |" in text
     assert f"{lora.peak_rss_mib:,.0f} MiB" in text and f"{qlora.peak_rss_mib:,.0f} MiB" in text
     assert "--quant.enabled=false" in text and "--quant.enabled=true" in text
     assert "Warning" not in text  # the two runs differ only in quantization and folder

@@ -61,6 +61,11 @@ class RunResult:
     def final_val_loss(self) -> float | None:
         return self.summary.get("val_loss_after")
 
+    def compute_dtype(self, auto: str | None = None) -> str:
+        """The run's compute dtype (also the dtype of a 16-bit base); `auto` names what "auto" resolved to."""
+        name = self.summary.get("compute_dtype") or self.config.get("quant", {}).get("compute_dtype", "n/a")
+        return f"auto ({auto})" if name == "auto" and auto else str(name)
+
 
 def median_step_time(records: Sequence[dict[str, Any]]) -> float | None:
     """Median of (elapsed time / steps) between consecutive `train` records; None without records.
@@ -144,7 +149,9 @@ def _size(n: int) -> str:
     return format_bytes(n)
 
 
-def table_rows(lora: RunResult, qlora: RunResult) -> list[tuple[str, str, str]]:
+def table_rows(
+    lora: RunResult, qlora: RunResult, auto_dtype: str | None = None
+) -> list[tuple[str, str, str]]:
     """(metric, 16-bit LoRA, QLoRA) rows of the report table."""
 
     def row(name: str, fmt: Any) -> tuple[str, str, str]:
@@ -152,20 +159,24 @@ def table_rows(lora: RunResult, qlora: RunResult) -> list[tuple[str, str, str]]:
 
     return [
         row("Base weights", lambda r: str(r.summary.get("quantization", "n/a"))),
+        row("Compute dtype", lambda r: r.compute_dtype(auto_dtype)),
         row("Peak memory (RSS, whole process)", lambda r: f"{r.peak_rss_mib:,.0f} MiB"),
         row("Step time (median)", lambda r: f"{r.median_step_time_s:.3f} s"),
         row("Step time (mean)", lambda r: f"{r.mean_step_time_s:.3f} s"),
         row("Throughput", lambda r: f"{r.tokens_per_s:,.1f} tokens/s"),
         row("Steps", lambda r: str(r.summary["steps"])),
         row("Final train loss", lambda r: _loss(r.summary.get("final_train_loss"))),
-        row("Validation loss before → after", lambda r: (
-            f"{_loss(r.summary.get('val_loss_before'))} → {_loss(r.final_val_loss)}"
-        )),
+        row(
+            "Validation loss before → after",
+            lambda r: f"{_loss(r.summary.get('val_loss_before'))} → {_loss(r.final_val_loss)}",
+        ),
         row("Best validation loss", lambda r: _loss(r.summary.get("best_val_loss"))),
         row("Held-out exact match before → after", lambda r: _exact(r.summary)),
         row("Adapter size on disk", lambda r: _size(r.adapter_bytes)),
-        row("Wall time (load, train, evaluate)", lambda r: f"{float(r.summary.get('wall_time_s', 0.0)):.1f} s"),
-    ]  # fmt: skip
+        row(
+            "Wall time (load, train, evaluate)", lambda r: f"{float(r.summary.get('wall_time_s', 0.0)):.1f} s"
+        ),
+    ]
 
 
 def conclusion(lora: RunResult, qlora: RunResult) -> str:
@@ -186,8 +197,11 @@ def conclusion(lora: RunResult, qlora: RunResult) -> str:
     return f"{text}; final {kind} loss differs by {diff:+.4f} ({a:.4f} vs {b:.4f})."
 
 
-def build_report(lora: RunResult, qlora: RunResult, commands: dict[str, str] | None = None) -> str:
-    """The Markdown report (pure: no file is read or written)."""
+def build_report(
+    lora: RunResult, qlora: RunResult, commands: dict[str, str] | None = None, auto_dtype: str | None = None
+) -> str:
+    """The Markdown report (pure: no file is read or written). `commands`: label -> the command that ran;
+    `auto_dtype`: what `quant.compute_dtype: auto` resolved to on the machine that trained."""
     s = lora.summary
     header = [
         "# 16-bit LoRA vs QLoRA",
@@ -201,12 +215,14 @@ def build_report(lora: RunResult, qlora: RunResult, commands: dict[str, str] | N
         "| Metric | 16-bit LoRA | QLoRA |",
         "| --- | ---: | ---: |",
     ]
-    body = [f"| {name} | {a} | {b} |" for name, a, b in table_rows(lora, qlora)]
+    body = [f"| {name} | {a} | {b} |" for name, a, b in table_rows(lora, qlora, auto_dtype)]
     notes = [
         "",
         "Peak memory is the process's peak resident set size (loading, training and evaluation). Step time "
         "counts forward, backward and optimizer work; throughput is input tokens per second of training "
-        "time. Exact match compares greedy generations on held-out rows with their reference answers.",
+        "time. Exact match compares greedy generations on held-out rows with their reference answers. "
+        "Without quantization the base weights are kept in the compute dtype (16 bits with bfloat16 or "
+        "float16 compute, 32 bits with float32).",
     ]
     differences = setting_differences(lora, qlora)
     if differences:
@@ -252,8 +268,13 @@ def plot_loss_curves(runs: Sequence[RunResult]) -> bytes:
         for split, style in (("train", "-"), ("val", "o--")):
             rows = [r for r in run.records if r.get("split") == split and r.get("loss") is not None]
             if rows:
-                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, color=color,
-                        label=f"{run.label} {split}")  # fmt: skip
+                ax.plot(
+                    [r["step"] for r in rows],
+                    [r["loss"] for r in rows],
+                    style,
+                    color=color,
+                    label=f"{run.label} {split}",
+                )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / label token)")
     ax.grid(alpha=0.3)
@@ -264,8 +285,12 @@ def plot_loss_curves(runs: Sequence[RunResult]) -> bytes:
 def _bars(ax: Any, runs: Sequence[RunResult], values: list[float], unit: str, fmt: str) -> None:
     bars = ax.bar([r.label for r in runs], values, color=[f"C{i}" for i in range(len(runs))])
     for bar, value in zip(bars, values, strict=True):
-        ax.annotate(format(value, fmt), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom")  # fmt: skip
+        ax.annotate(
+            format(value, fmt),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+        )
     ax.set_ylabel(unit)
     ax.margins(y=0.15)
 
@@ -291,13 +316,19 @@ def plot_speed(runs: Sequence[RunResult]) -> bytes:
 
 
 def write_report(
-    out: str | Path, lora_dir: str | Path, qlora_dir: str | Path, commands: dict[str, str] | None = None
+    out: str | Path,
+    lora_dir: str | Path,
+    qlora_dir: str | Path,
+    commands: dict[str, str] | None = None,
+    auto_dtype: str | None = None,
 ) -> Path:
-    """Read both run folders and write `report.md` and the three PNG plots into `out`; returns the report."""
+    """Read both run folders and write `report.md` and the three PNG plots into `out`; returns the report.
+
+    `commands` and `auto_dtype` go into the report (see `build_report`)."""
     out = Path(out)
     lora, qlora = read_run(lora_dir, "16-bit LoRA"), read_run(qlora_dir, "QLoRA")
     runs = (lora, qlora)
     images = {"loss": plot_loss_curves(runs), "memory": plot_peak_memory(runs), "speed": plot_speed(runs)}
     for key, data in images.items():
         atomic_write_bytes(out / PLOTS[key], data)
-    return atomic_write_text(out / REPORT, build_report(lora, qlora, commands))
+    return atomic_write_text(out / REPORT, build_report(lora, qlora, commands, auto_dtype))

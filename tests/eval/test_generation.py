@@ -194,12 +194,17 @@ def test_base_is_built_with_the_quant_settings_saved_by_training(setup, tmp_path
     adapter = tmp_path / "alpha128"
     shutil.copytree(setup / "alpha", adapter)
     assert adapter_quant_config(adapter) is None
-    (adapter / "config.yaml").write_text("quant:\n  blocksize: 128\n  double_quant: false\n  compute_dtype: float32\n")
+    (adapter / "config.yaml").write_text(
+        "quant:\n  blocksize: 128\n  double_quant: false\n  compute_dtype: float32\n"
+    )
     quant = adapter_quant_config(adapter)
     assert (quant.blocksize, quant.double_quant, quant.compute_dtype) == (128, False, "float32")
     server = AdapterServer(setup / "base", {"a": adapter})
     layers = [m for m in server.model.modules() if isinstance(m, Linear4bit)]
     assert layers and all(m.quant_state.blocksize == 128 and m.quant_state.nested is None for m in layers)
+    with pytest.warns(UserWarning, match=r"\['a'\] were trained against a 4-bit base built with other"):
+        mixed = AdapterServer(setup / "base", {"plain": setup / "alpha", "a": adapter}, quant=None)
+    assert all(m.quant_state.blocksize == 64 for m in mixed.model.modules() if isinstance(m, Linear4bit))
     (adapter / "config.yaml").write_text("quant:\n  blocksize: 100\n")
     with pytest.raises(ConfigError, match="blocksize"):
         adapter_quant_config(adapter)

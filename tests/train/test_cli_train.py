@@ -39,7 +39,13 @@ def trained(tmp_path_factory):
 def test_output_folder(trained):
     _, _, out = trained
     names = {p.name for p in out.iterdir()}
-    expected = {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "metrics.csv"}
+    expected = {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.csv",
+    }
     expected |= {"README.md", "summary.json", "loss_curve.png", "tokenizer.json", "tokenizer_config.json"}
     assert expected <= names
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -76,10 +82,14 @@ def test_adapter_loads_in_peft_on_the_same_base(trained):
     state = model.state_dict()
     assert saved
     for key, value in saved.items():
-        live = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        live = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
         assert torch.equal(state[live], value), key
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not the zero init
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(root / "model")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        root / "model"
+    )
 
 
 def test_resume_continues_and_fresh_run_refuses_existing_checkpoints(trained, capsys):
@@ -135,8 +145,17 @@ def test_example_configs_are_valid(name, monkeypatch):
     monkeypatch.chdir(REPO)  # the own-file example points at configs/example-alpaca.json
     cfg = load_config(REPO / "configs" / name)
     check_datasets(cfg.data)
-    if name == "qlora-smollm2.yaml":  # the documented default demo is what `qlorakit` runs bare
-        assert cfg == load_config(None)
+    if (
+        name == "qlora-smollm2.yaml"
+    ):  # the documented demo: the same model, base, adapter and data as bare `qlorakit`
+        default = load_config(None)
+        assert (cfg.model, cfg.quant, cfg.lora, cfg.data.datasets) == (
+            default.model,
+            default.quant,
+            default.lora,
+            default.data.datasets,
+        )
+        assert cfg.output.dir == default.output.dir
     if name == "lora16-smollm2.yaml":
         assert cfg.quant.enabled is False
 
@@ -146,7 +165,15 @@ def test_default_demo_runs(tmp_path):
     """The real built-in demo (smollm2-135m, NF4 + double quant, built-in data) with a few steps."""
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "qlorakit", "train", "--train.max_steps=4", "--train.eval_every=4", f"--output.dir={out}"],
+        [
+            sys.executable,
+            "-m",
+            "qlorakit",
+            "train",
+            "--train.max_steps=4",
+            "--train.eval_every=4",
+            f"--output.dir={out}",
+        ],
         env=cli_env(),
         capture_output=True,
         text=True,

@@ -101,6 +101,16 @@ def _run_one(command: list[str], label: str) -> None:
         )
 
 
+def _auto_dtype() -> str:
+    """What `quant.compute_dtype: auto` means for a single-process run on this machine."""
+    import torch
+
+    from qlorakit.train.recipe import resolve_compute_dtype
+
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return str(resolve_compute_dtype("auto", device)).removeprefix("torch.")
+
+
 def run(args: argparse.Namespace) -> int:
     from qlorakit.compare import conclusion, read_run, require_matplotlib, write_report
 
@@ -125,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         folders["lora16"],
         folders["qlora"],
         commands={label: shlex.join(cmd) for label, cmd in commands.items()},
+        auto_dtype=_auto_dtype(),
     )
     lora, qlora = read_run(folders["lora16"], RUNS[0][1]), read_run(folders["qlora"], RUNS[1][1])
     print(f"\n{conclusion(lora, qlora)}\nreport: {report} (plots beside it)")

@@ -83,9 +83,14 @@ def run(args: argparse.Namespace) -> int:
         names = list(server.adapter_names) or [None]
     if args.base_too and None not in names:
         names.insert(0, None)
+
+    def emit(piece: str) -> None:  # tokens appear as they are generated
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
     for name in names:
-        text = server.generate(prompt, name, settings)
         if len(names) > 1:
-            print(f"=== {name or 'base'} ===")
-        print(text, flush=True)
+            print(f"=== {name or 'base'} ===", flush=True)
+        server.generate(prompt, name, settings, on_text=emit)
+        print(flush=True)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,13 +238,28 @@ def load_base(
     return model, tokenizer
 
 
+def _shared_quant_config(adapters: Mapping[str, str | Path]) -> QuantConfig | None:
+    """The first adapter's saved quant settings; a warning when the adapters were trained on different bases."""
+    configs = {name: adapter_quant_config(path) for name, path in adapters.items()}
+    first = next(iter(configs.values()))
+    differing = [name for name, cfg in configs.items() if cfg is not None and cfg != first]
+    if differing:
+        warnings.warn(
+            f"adapters {differing} were trained against a 4-bit base built with other settings than "
+            f"{next(iter(configs))!r}; they share one base here, so their outputs can differ from training",
+            UserWarning,
+            stacklevel=3,
+        )
+    return first
+
+
 class AdapterServer:
     """One base model, many named adapters, switched per request without reloading anything.
 
     `base` is a model spec (HF folder, .gguf, built-in name) or an already loaded model (then `tokenizer`
-    is required). The 4-bit base is built with `quant`, by default the settings saved with the first
-    adapter by `qlorakit train` (else NF4, blocksize 64, double quantization). `adapters` maps a name to a PEFT adapter folder. Requests are serialised by a lock,
-    since the active adapter is state of the shared model.
+    is required). `adapters` maps a name to a PEFT adapter folder. The 4-bit base is built with `quant`,
+    by default the settings saved with the first adapter by `qlorakit train` (else NF4, blocksize 64,
+    double quantization). Requests are serialised by a lock: the active adapter is state of the model.
     """
 
     def __init__(
@@ -262,7 +278,7 @@ class AdapterServer:
             self.model, self.tokenizer = base.eval(), tokenizer
         else:
             if quant is None and adapters:
-                quant = adapter_quant_config(next(iter(adapters.values())))
+                quant = _shared_quant_config(adapters)
             self.model, self.tokenizer = load_base(base, four_bit=four_bit, quant=quant)
         self.template = template
         self.adapters: dict[str, Path] = {}

@@ -274,6 +274,49 @@ def _update_best(state: LoopState, val_loss: float | None) -> bool:
     return False
 
 
+class ThroughputWindow:
+    """Loss and tokens/s averaged over the steps since the last metrics record."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def record(self, state: LoopState, epoch: float, lr: float, grad_norm: float) -> dict[str, Any]:
+        """The `train` metrics row; resets the window."""
+        row = {
+            "step": state.step, "split": "train", "epoch": epoch, "loss": self.loss / max(1, self.steps),
+            "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens, "tokens_per_s": self.tokens_per_s,
+            "elapsed_s": state.train_time_s,
+        }  # fmt: skip
+        self.__init__()
+        return row
+
+
+def _micro_batches(
+    examples: Sequence[Any],
+    order: BatchOrder,
+    collate_fn: Callable,
+    position: int,
+    cfg: TrainConfig,
+    ctx: DistContext,
+) -> list[Batch]:
+    """This rank's `grad_accum` micro-batches of the optimizer step starting at stream `position`."""
+    per_micro = cfg.batch_size * ctx.world_size
+    return [
+        collate_fn(
+            [examples[i] for i in order.micro_batch(position + k * per_micro, cfg.batch_size, ctx.rank)]
+        )
+        for k in range(cfg.grad_accum)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -296,25 +339,15 @@ def train_loop(
     """Train from `state` (fresh or restored) to `total_steps`, early stopping, or a stop signal."""
     order = BatchOrder(len(train_examples), cfg.seed)
     params = [p for _, p in trainable_named_parameters(unwrap_model(model))]
-    per_micro = cfg.batch_size * ctx.world_size
     evaluate = dict(
         batch_size=cfg.batch_size, max_batches=cfg.eval_batches, ctx=ctx, autocast_dtype=autocast_dtype
     )
-    bar = progress_bar(total_steps, state.step, ctx.is_main)
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
-    reason, model_path = "max_steps", None
+    bar, window = progress_bar(total_steps, state.step, ctx.is_main), ThroughputWindow()
+    reason, saved = "max_steps", None
     model.train()
     with StopRequest() as stop:
         while state.step < total_steps:
-            batches = [
-                collate_fn(
-                    [
-                        train_examples[i]
-                        for i in order.micro_batch(state.position + k * per_micro, cfg.batch_size, ctx.rank)
-                    ]
-                )
-                for k in range(cfg.grad_accum)
-            ]
+            batches = _micro_batches(train_examples, order, collate_fn, state.position, cfg, ctx)
             lr = lr_at(
                 state.step,
                 base_lr=cfg.lr,
@@ -324,61 +357,44 @@ def train_loop(
             )
             set_lr(optimizer, lr)
             started = time.perf_counter()
-            loss, _, input_tokens = accumulate_gradients(model, batches, ctx, autocast_dtype)
+            loss, _, tokens = accumulate_gradients(model, batches, ctx, autocast_dtype)
             grad_norm = clip_gradients(params, cfg.max_grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if not (
+                math.isfinite(loss) and math.isfinite(grad_norm)
+            ):  # stop before the update touches weights
                 raise _diverged(state.step + 1, loss, grad_norm, lr, plan)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
+            seconds = time.perf_counter() - started
             state.step += 1
-            state.position += per_micro * cfg.grad_accum
-            state.tokens += input_tokens
-            state.train_time_s += elapsed
+            state.position += cfg.batch_size * ctx.world_size * cfg.grad_accum
+            state.tokens += tokens
+            state.train_time_s += seconds
             state.last_train_loss = loss
-            for key, value in (("loss", loss), ("steps", 1), ("tokens", input_tokens), ("time", elapsed)):
-                window[key] += value
-            speed = window["tokens"] / max(window["time"], 1e-9)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
+            window.add(loss, tokens, seconds)
+            bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.tokens_per_s:.0f}", refresh=False
+            )
             bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                metrics.log(
-                    {
-                        "step": state.step,
-                        "split": "train",
-                        "epoch": order.epoch(state.position),
-                        "loss": window["loss"] / window["steps"],
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens": state.tokens,
-                        "tokens_per_s": speed,
-                        "elapsed_s": state.train_time_s,
-                    }
-                )
-                window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+            last = state.step == total_steps
+            if state.step % cfg.log_every == 0 or last:
+                metrics.log(window.record(state, order.epoch(state.position), lr, grad_norm))
             new_best = False
-            if state.step % cfg.eval_every == 0 or state.step == total_steps:
+            if state.step % cfg.eval_every == 0 or last:
                 val = evaluate_loss(model, val_examples, collate_fn, **evaluate)
                 new_best = _update_best(state, val)
                 if val is not None:
-                    metrics.log(
-                        {
-                            "step": state.step,
-                            "split": "val",
-                            "epoch": order.epoch(state.position),
-                            "loss": val,
-                            "elapsed_s": state.train_time_s,
-                        }
-                    )
+                    metrics.log({"step": state.step, "split": "val", "epoch": order.epoch(state.position), "loss": val,
+                                 "elapsed_s": state.train_time_s})  # fmt: skip
                     bar.write(f"step {state.step}: val loss {val:.4f}" + (" (best)" if new_best else ""))
             patience = cfg.early_stopping_patience
             if patience is not None and state.evals_since_best >= patience:
                 reason = "early_stopping"
-            if all_reduce_max_flag(stop.signum is not None, ctx):
+            if all_reduce_max_flag(stop.signum is not None, ctx):  # every rank stops at the same step
                 reason = "signal"
-            if state.step % plan.every == 0 or new_best or reason != "max_steps" or state.step == total_steps:
-                model_path = save_training_state(plan, model, optimizer, state, ctx)
+            if state.step % plan.every == 0 or new_best or last or reason != "max_steps":
+                saved = save_training_state(plan, model, optimizer, state, ctx)
             if reason != "max_steps":
                 break
     bar.close()
-    return LoopResult(state, reason, stop.signum, model_path)
+    return LoopResult(state, reason, stop.signum, saved)

@@ -234,7 +234,6 @@ def run_training(cfg: Config) -> TrainOutcome:
 def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     from qlorakit.data import build_datasets, check_datasets
     from qlorakit.lora.inject import disable_adapters
-    from qlorakit.lora.peft_format import save_adapter
 
     started = time.perf_counter()
     out, notes = Path(cfg.output.dir), []
@@ -256,20 +255,8 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     )
     with disable_adapters(model):
         before = _compare(model, tokenizer, data, cfg, ctx, eval_kw)
-    named = trainable_named_parameters(model)
-    optimizer = build_optimizer((p for _, p in named), cfg.train)
-    state, loaded = LoopState(), None
-    if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, [n for n, _ in named])
-        state = restore_training_state(loaded, model, optimizer, ctx)
-        _say(ctx, f"resuming from {resume_from} (step {state.step})")
-    if ctx.is_main:
-        for stale in ckpt.remove_stale_temporaries(root):
-            _say(ctx, f"note: removed the unfinished checkpoint folder {stale}")
-    if loaded is not None:
-        restore_rng(loaded, ctx)
-    else:
-        seed_everything(cfg.train.seed + ctx.rank)  # ranks draw different dropout masks
+    optimizer = build_optimizer((p for _, p in trainable_named_parameters(model)), cfg.train)
+    state, loaded = _start_state(resume_from, model, optimizer, cfg, ctx)
     steps = total_steps(cfg.train, len(data.train), ctx.world_size)
     metrics = MetricsWriter(
         out,
@@ -305,23 +292,65 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     after = _compare(model, tokenizer, data, cfg, ctx, eval_kw)
     summary: dict[str, Any] = {}
     if ctx.is_main:
-        save_adapter(model, out, cfg.lora, base_model_name_or_path=cfg.model.name)
-        _save_best_adapter(model, cfg, result.state, root, out)
-        save_tokenizer(tokenizer, out)
-        import yaml
-
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        if cfg.output.plot:
-            plot_loss_curve(metrics.records(), out / PLOT)
         summary = _summary(cfg, ctx, data, result, before, after, inject_report, steps, started)
-        atomic_write_json(out / "summary.json", summary)
-        atomic_write_text(out / "README.md", render_summary(summary))
+        _write_outputs(cfg, model, tokenizer, result.state, metrics.records(), summary)
         print(_report(summary), flush=True)
     barrier(ctx)
     return TrainOutcome(out, result.stop_reason, None, summary)
 
 
-def _summary(cfg, ctx, data, result, before, after, inject_report, steps, started) -> dict[str, Any]:
+def _start_state(
+    resume_from: Path | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    ctx: DistContext,
+) -> tuple[LoopState, ckpt.LoadedCheckpoint | None]:
+    """A fresh state with seeded RNGs, or the checkpoint's state with its weights, optimizer and RNGs."""
+    root = Path(cfg.output.dir) / "checkpoints"
+    if ctx.is_main:
+        for stale in ckpt.remove_stale_temporaries(root):
+            _say(ctx, f"note: removed the unfinished checkpoint folder {stale}")
+    if resume_from is None:
+        seed_everything(cfg.train.seed + ctx.rank)  # ranks draw different dropout masks
+        return LoopState(), None
+    loaded = ckpt.load_checkpoint(resume_from, [n for n, _ in trainable_named_parameters(model)])
+    state = restore_training_state(loaded, model, optimizer, ctx)
+    restore_rng(loaded, ctx)  # last: nothing may draw random numbers between here and the loop
+    _say(ctx, f"resuming from {resume_from} (step {state.step})")
+    return state, loaded
+
+
+def _write_outputs(
+    cfg: Config, model: nn.Module, tokenizer: Any, state: LoopState, records: list[dict], summary: dict
+) -> None:
+    """Adapter (PEFT format), best adapter, tokenizer, resolved config, loss curve, summary (rank 0)."""
+    import yaml
+
+    from qlorakit.lora.peft_format import save_adapter
+
+    out = Path(cfg.output.dir)
+    save_adapter(model, out, cfg.lora, base_model_name_or_path=cfg.model.name)
+    _save_best_adapter(model, cfg, state, out / "checkpoints", out)
+    save_tokenizer(tokenizer, out)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if cfg.output.plot:
+        plot_loss_curve(records, out / PLOT)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "README.md", render_summary(summary))
+
+
+def _summary(
+    cfg: Config,
+    ctx: DistContext,
+    data: Any,
+    result: Any,
+    before: dict,
+    after: dict,
+    inject_report: str,
+    steps: int,
+    started: float,
+) -> dict[str, Any]:
     from qlorakit.eval.evaluate import reference_answer
 
     records = held_out_records(data.val_records, cfg.output.samples)
