@@ -253,3 +253,13 @@ def test_unsupported_quantization_configs(tmp_path, tiny_model_dir):
         (tiny_model_dir / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
         with pytest.raises(ModelError, match=message):
             load_model(tiny_model_dir)
+
+
+def test_corrupt_safetensors_is_a_checkpoint_error(tiny_model_dir):
+    from qlorakit.errors import CheckpointError
+    from qlorakit.models import load_model
+
+    weights = tiny_model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors|corrupt"):
+        load_model(str(tiny_model_dir))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from qlorakit.atomic import atomic_directory, atomic_write_json
-from qlorakit.errors import ModelError
+from qlorakit.errors import CheckpointError, ModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -260,12 +260,21 @@ def load_model(
         chosen = compute_dtype if compute_dtype is not None else default_compute_dtype(device)
         model = load_quantized(folder, chosen, dtype=None if dtype == "auto" else dtype)
     else:
+        from safetensors import SafetensorError
+
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, trust_remote_code=trust_remote_code
             )
+        except SafetensorError as exc:
+            raise CheckpointError(
+                f"{folder}: a safetensors file is corrupt or truncated ({exc}); re-download or re-export it"
+            ) from exc
         except (ValueError, OSError) as exc:
             raise ModelError(f"cannot load the model in {folder}: {exc}") from exc
+    if text in BUILTIN_MODELS:
+        # Record the spec the user gave, so adapters name the base portably (not this machine's cache path).
+        model.config._name_or_path = text
     model.to(device)
     model.eval()
     return model, tokenizer

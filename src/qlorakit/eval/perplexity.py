@@ -55,7 +55,7 @@ def plan_windows(lengths: list[int], max_length: int, stride: int) -> list[Windo
     for index, length in enumerate(lengths):
         scored_until = 1  # token 0 has no context: it is never scored
         start = 0
-        while scored_until < length:
+        while scored_until < length and start + 1 < length:  # a window needs a token after its first
             end = min(start + max_length, length)
             score_from = max(scored_until, start + 1)
             if score_from < end:

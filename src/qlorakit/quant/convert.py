@@ -135,10 +135,10 @@ def quantize_model(
     for name, module in model.named_modules():
         if not _is_quantizable(module, conv1d):
             continue
-        if matches_skip(name, skip):
-            skipped.append((name, "skipped"))
-        elif id(module.weight) in shared:
+        if id(module.weight) in shared:
             skipped.append((name, "tied to an embedding"))
+        elif matches_skip(name, skip):
+            skipped.append((name, "skipped"))
         else:
             names.append(name)
     del module
