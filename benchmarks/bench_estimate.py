@@ -10,7 +10,7 @@ the error of the peak in %. Target: within 15%.
 
     python benchmarks/bench_estimate.py --quick      # a tiny random model only, to check that it runs
     python benchmarks/bench_estimate.py              # smollm2-135m (built in) + a ~48M random Llama
-    python benchmarks/bench_estimate.py --large      # also a ~357M random Llama (slow on a shared CPU)
+    python benchmarks/bench_estimate.py --large      # also a ~337M random Llama (slow on a shared CPU)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SIZES = {
         num_attention_heads=6,
         num_key_value_heads=2,
     ),
-    "llama-357m": dict(
+    "llama-337m": dict(
         hidden_size=1024,
         intermediate_size=2816,
         num_hidden_layers=20,
@@ -123,6 +123,7 @@ def train_overrides(args: argparse.Namespace, model: str, data: Path, out: Path,
     return [
         f"--model.name={model}",
         f"--quant.enabled={'true' if quant else 'false'}",
+        f"--quant.compute_dtype={args.dtype}",
         f"--lora.r={args.r}",
         "--lora.dropout=0.05",
         f"--data.datasets=[{{path: '{data}', format: text}}]",
@@ -212,14 +213,14 @@ def predict(model: str, method: str, args: argparse.Namespace, dtype_name: str):
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--quick", action="store_true", help="a tiny random model, seq 64: checks that it runs"
     )
-    parser.add_argument("--large", action="store_true", help="also a ~357M-parameter random Llama")
+    parser.add_argument("--large", action="store_true", help="also a ~337M-parameter random Llama")
     parser.add_argument(
         "--models", default=None, help="comma-separated: smollm2-135m and/or " + ", ".join(SIZES)
     )
@@ -228,22 +229,34 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (the box is shared)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="quant.compute_dtype for the runs (auto: what the pipeline picks here)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seq, args.steps = min(args.seq, 64), 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     names = (
         args.models.split(",")
         if args.models
         else ["llama-tiny"]
         if args.quick
-        else ["smollm2-135m", "llama-48m"] + (["llama-357m"] if args.large else [])
+        else ["smollm2-135m", "llama-48m"] + (["llama-337m"] if args.large else [])
     )
 
     import torch
 
     from qlorakit.quant.linear import default_compute_dtype
 
-    dtype_name = str(default_compute_dtype("cpu")).removeprefix("torch.")
+    dtype_name = (
+        str(default_compute_dtype("cpu")).removeprefix("torch.") if args.dtype == "auto" else args.dtype
+    )
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -255,6 +268,11 @@ def main() -> None:
         f"torch {torch.__version__}, compute dtype {dtype_name}, batch {args.batch} x seq {args.seq}, "
         f"r={args.r}, {args.steps} steps, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}"
     )
+    print_table(run_all(args, names, dtype_name, env))
+
+
+def run_all(args: argparse.Namespace, names: list[str], dtype_name: str, env: dict[str, str]) -> list:
+    """Train each model with each method in a child process; rows of (name, params, method, est, got, err)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-estimate-") as tmp:
         root = Path(tmp)
@@ -280,11 +298,11 @@ def main() -> None:
                     f"MiB  error {err:+6.1f}%  ({got['seconds']:.0f} s)",
                     flush=True,
                 )
-    print_table(rows)
+    return rows
 
 
 def print_table(rows: list) -> None:
-    print("\nMiB; predicted load / train / peak vs measured (sampled load / sampled train / wait4 peak)")
+    print("\nMiB; predicted load / train / peak RSS vs measured (sampled load / sampled train / wait4 peak)")
     header = f"{'model':13s} {'params':>7s} {'method':6s} {'p.load':>7s} {'p.train':>7s} {'p.peak':>7s} "
     header += f"{'m.load':>7s} {'m.train':>7s} {'m.peak':>7s} {'error':>7s}"
     print(header)

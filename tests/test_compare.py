@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -18,6 +19,7 @@ from qlorakit.compare import (
     REPORT,
     build_report,
     conclusion,
+    estimated_peak,
     median_step_time,
     read_run,
     setting_differences,
@@ -145,11 +147,51 @@ def test_report_builder_on_synthetic_runs(tmp_path):
     assert rows["Adapter size on disk"] == [f"{size / 1024:.2f} KiB"] * 2
     assert rows["Base weights"] == ["16-bit", "nf4 4-bit"]
     assert rows["Compute dtype"] == ["auto (float32)", "auto (float32)"]
+    assert rows["Estimated peak (qlorakit estimate, at max_length)"] == ["n/a", "n/a"]  # no full config
     assert "command: `qlorakit train x`" in text and "Warning" not in text
     for name in PLOTS.values():
         assert f"]({name})" in text
         _assert_png(tmp_path / "out" / name)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([REPORT, *PLOTS.values()])
+
+
+def test_estimated_peak_uses_the_run_settings(tmp_path):
+    from qlorakit.config import config_to_dict, load_config
+    from qlorakit.estimate import ModelShape, estimate_memory
+
+    make_tiny_llama(hidden_size=128, intermediate_size=256, vocab_size=1000).save_pretrained(tmp_path / "m")
+    settings = ["--train.batch_size=3", "--data.max_length=96", "--lora.r=4", "--lora.dropout=0.1"]
+    settings += [
+        "--quant.compute_dtype=auto",
+        "--train.optim=paged_adamw_8bit",
+        f"--model.name={tmp_path / 'm'}",
+    ]
+    for quant, method in ((False, "lora"), (True, "qlora")):
+        run = read_run(
+            _synthetic_run(
+                tmp_path / method, peak=1.0, elapsed=[1.0], val=1.0, train_loss=1.0, quantization=method
+            ),
+            method,
+        )
+        cfg = config_to_dict(load_config(None, [*settings, f"--quant.enabled={quant}"]))
+        run = dataclasses.replace(run, config=cfg)
+        want = estimate_memory(
+            ModelShape.from_config(tmp_path / "m"),
+            method=method,
+            batch=3,
+            seq=96,
+            r=4,
+            compute_dtype="bfloat16",
+            optimizer="adamw_8bit",
+            lora_dropout=0.1,
+        )
+        assert estimated_peak(run, "bfloat16") == want.peak
+        assert estimated_peak(run, None) is None  # "auto" without knowing what it resolved to
+        cfg["lora"]["target_modules"] = "no_such_layer"
+        assert (
+            estimated_peak(type(run)(run.label, run.folder, run.summary, run.records, 1, cfg), "float32")
+            is None
+        )
 
 
 def test_report_warns_when_the_runs_differ_in_more_than_quantization(tmp_path):
@@ -272,6 +314,8 @@ def test_compare_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
     resolved = str(resolve_compute_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert f"| Compute dtype | auto ({resolved}) | auto ({resolved}) |" in text
+    for run in (lora, qlora):
+        assert f"{estimated_peak(run, resolved) / 2**20:,.0f} MiB" in text
     assert f"{lora.peak_rss_mib:,.0f} MiB" in text and f"{qlora.peak_rss_mib:,.0f} MiB" in text
     assert "--quant.enabled=false" in text and "--quant.enabled=true" in text
     assert "Warning" not in text  # the two runs differ only in quantization and folder

@@ -107,7 +107,10 @@ def read_run(folder: str | Path, label: str) -> RunResult:
         raise CheckpointError(f"{adapter} is missing: the {label} run saved no adapter")
     config: dict[str, Any] = {}
     if (folder / "config.yaml").is_file():
-        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise CheckpointError(f"cannot read {folder / 'config.yaml'}: {exc}") from exc
     records = read_records(folder / JSONL)
     return RunResult(label, folder, summary, records, adapter.stat().st_size, config)
 
@@ -143,10 +146,50 @@ def _exact(s: dict[str, Any]) -> str:
     return f"{s['exact_before']}/{n} → {s['exact_after']}/{n}"
 
 
+def _estimate(run: RunResult, auto_dtype: str | None) -> str:
+    peak = estimated_peak(run, auto_dtype)
+    return "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB"
+
+
 def _size(n: int) -> str:
     from qlorakit.estimate import format_bytes
 
     return format_bytes(n)
+
+
+_OPTIMIZERS = {"adamw": "adamw", "paged_adamw_32bit": "adamw", "adamw_8bit": "adamw_8bit",
+               "paged_adamw_8bit": "adamw_8bit"}  # fmt: skip
+
+
+def estimated_peak(run: RunResult, auto_dtype: str | None) -> int | None:
+    """`qlorakit estimate`'s peak RSS for the run's settings at `data.max_length` tokens per row (an upper
+    bound: batches are padded only to their longest row); None when the settings cannot be estimated."""
+    from qlorakit.errors import QLoraKitError
+    from qlorakit.estimate import ModelShape, estimate_memory
+
+    cfg = run.config
+    try:
+        q, lo, t = cfg["quant"], cfg["lora"], cfg["train"]
+        dtype = auto_dtype if q["compute_dtype"] == "auto" else q["compute_dtype"]
+        if dtype is None:
+            return None
+        est = estimate_memory(
+            ModelShape.from_config(cfg["model"]["name"]),
+            method="qlora" if q["enabled"] else "lora",
+            batch=int(t["batch_size"]),
+            seq=int(cfg["data"]["max_length"]),
+            r=int(lo["r"]),
+            targets=lo["target_modules"],
+            grad_checkpointing=bool(t["gradient_checkpointing"]),
+            compute_dtype=dtype,
+            optimizer=_OPTIMIZERS[t["optim"]],
+            blocksize=int(q["blocksize"]),
+            double_quant=bool(q["double_quant"]),
+            lora_dropout=float(lo["dropout"]),
+        )
+    except (KeyError, TypeError, ValueError, QLoraKitError):
+        return None
+    return est.peak
 
 
 def table_rows(
@@ -161,6 +204,7 @@ def table_rows(
         row("Base weights", lambda r: str(r.summary.get("quantization", "n/a"))),
         row("Compute dtype", lambda r: r.compute_dtype(auto_dtype)),
         row("Peak memory (RSS, whole process)", lambda r: f"{r.peak_rss_mib:,.0f} MiB"),
+        row("Estimated peak (qlorakit estimate, at max_length)", lambda r: _estimate(r, auto_dtype)),
         row("Step time (median)", lambda r: f"{r.median_step_time_s:.3f} s"),
         row("Step time (mean)", lambda r: f"{r.mean_step_time_s:.3f} s"),
         row("Throughput", lambda r: f"{r.tokens_per_s:,.1f} tokens/s"),
@@ -181,10 +225,10 @@ def table_rows(
 
 def conclusion(lora: RunResult, qlora: RunResult) -> str:
     """One computed sentence: memory saved, step-time ratio and the loss difference."""
-    saving = 1.0 - qlora.peak_rss_mib / lora.peak_rss_mib
+    saving = 1.0 - qlora.peak_rss_mib / max(lora.peak_rss_mib, 1e-9)
     memory = f"{abs(saving) * 100:.0f}% {'less' if saving >= 0 else 'more'} peak memory"
     memory += f" ({qlora.peak_rss_mib:,.0f} vs {lora.peak_rss_mib:,.0f} MiB)"
-    ratio = qlora.median_step_time_s / lora.median_step_time_s
+    ratio = qlora.median_step_time_s / max(lora.median_step_time_s, 1e-9)
     text = f"QLoRA used {memory} than 16-bit LoRA at {ratio:.2f}× the step time"
     if qlora.final_val_loss is not None and lora.final_val_loss is not None:
         diff, kind = qlora.final_val_loss - lora.final_val_loss, "validation"

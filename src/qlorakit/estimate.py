@@ -1,22 +1,38 @@
 """How much memory a fine-tuning run needs, from the model's shape alone (no weights are loaded).
 
 The model is a decoder transformer described by its `config.json` (Llama, Mistral, Qwen2, Gemma and
-GPT-2 key names) or by a GGUF file's metadata. `estimate_memory` returns a breakdown of the peak
-resident memory of a PyTorch process that trains it:
+GPT-2 key names) or by a GGUF file's metadata (see `qlorakit.model_shape`). `estimate_memory` returns a
+breakdown of the peak resident set (RSS) of the PyTorch CPU process that trains it:
 
-    weights          frozen or trainable parameters (4-bit packed linears for QLoRA)
-    quant_constants  absmax per 64-block (8 bit + a nested fp32 per 256 blocks with double quantization)
-    adapters         LoRA A/B matrices, fp32
-    gradients        of the trainable parameters
-    optimizer        AdamW m and v in fp32, plus fp32 master weights when training 16-bit parameters
-    activations      tensors autograd saves per decoder layer (counted from the saved tensors of
-                     transformers' Llama layer with SDPA attention)
-    logits           fp32 logits, log-softmax gradient and logits gradient: batch * seq * vocab * 4 B each
-    workspace        transient buffers: a dequantized 4-bit weight, AdamW step temporaries
-    runtime          the process itself: Python + torch + transformers, measured on this CPU
+    weights           frozen or trainable parameters (4-bit packed linears for QLoRA)
+    quant_constants   absmax per 64-block (8 bit + a nested fp32 per 256 blocks with double quantization)
+    checkpoint_pages  pages of the checkpoint file that stay mapped: when the checkpoint is stored in the
+                      compute dtype, transformers maps the safetensors file and uses it in place, so the
+                      original weights that QLoRA quantizes were read from the mapping and stay resident
+                      (clean file pages: counted in RSS, though the kernel may drop them under pressure)
+    adapters          LoRA A/B matrices, fp32
+    gradients         of the trainable parameters
+    optimizer         AdamW m and v in fp32, plus fp32 master weights when training 16-bit parameters
+    activations       tensors autograd saves per decoder layer (counted from the saved tensors of
+                      transformers' Llama layer with SDPA attention)
+    logits            batch * seq * vocab * 16 B at the backward peak: the logits the loss holds, the fp32
+                      log-probabilities cross-entropy saves, the gradient of those and of the logits
+    allocator         memory glibc's malloc keeps after PyTorch frees it: blocks below its mmap
+                      threshold (at most 32 MiB) go back to the heap, not the kernel, so the layer
+                      activations that gradient checkpointing frees and recomputes, and the 16-bit
+                      weights QLoRA frees after converting them, stay resident (measured, see below)
+    workspace         transient buffers: a dequantized 4-bit weight, AdamW step temporaries
+    runtime           the process itself: Python + torch + transformers + qlorakit, measured
 
 `training` is the sum of those (gradients stay allocated across micro-batches in a trainer that
-accumulates them); `loading` is the peak while the checkpoint is read and converted; `peak` the larger.
+accumulates them); `loading` is the peak while the checkpoint is read and converted; `peak` the larger
+(what `ru_maxrss` reports); `required` leaves out the clean checkpoint-file pages, the part that must fit.
+
+The allocator share is measured, not derived: on Linux/glibc 2.36, `qlorakit train` of SmolLM2-135M with
+checkpointing kept 35-68% of the activations a non-checkpointed pass would hold (the resident set with
+glibc's defaults minus the same run with a fixed 64 KiB mmap threshold, over 256-1024 tokens per step);
+`ALLOCATOR_RETENTION` is the middle of that range. Other allocators (jemalloc, CUDA's caching allocator)
+behave differently.
 """
 
 from __future__ import annotations
@@ -32,39 +48,32 @@ from qlorakit.model_shape import (  # re-exported: the shape readers used to liv
     ModelShape,
     config_from_gguf,
     dtype_bytes,
+    dtype_name,
     smollm2_gguf_path,
     target_linears,
 )
 
 __all__ = [
-    "BUILTIN_MODELS",
-    "METHODS",
-    "OPTIMIZERS",
-    "Advice",
-    "LinearShape",
-    "MemoryEstimate",
-    "MethodAdvice",
-    "ModelShape",
-    "advise",
-    "config_from_gguf",
-    "dtype_bytes",
-    "estimate_memory",
-    "format_bytes",
-    "parse_size",
-    "quantized_bytes",
-    "smollm2_gguf_path",
-    "target_linears",
-]
+    "BUILTIN_MODELS", "METHODS", "OPTIMIZERS", "Advice", "LinearShape", "MemoryEstimate", "MethodAdvice",
+    "ModelShape", "advise", "config_from_gguf", "dtype_bytes", "dtype_name", "estimate_memory",
+    "format_bytes", "parse_size", "quantized_bytes", "smollm2_gguf_path", "target_linears",
+]  # fmt: skip
 
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 MiB = 2**20
 GiB = 2**30
-# Measured on the reference CPU box: RSS after `import torch, transformers` is 250 MB; a process that has
-# also imported the model classes and run one training step of a 100k-parameter Llama peaks at 375 MB.
-IMPORT_RSS_BYTES = 250 * 10**6
-RUNTIME_OVERHEAD_BYTES = 375 * MiB
+# Measured on the reference CPU box (torch 2.13, transformers 5): RSS after importing torch and
+# transformers is 346 MiB; `qlorakit train` of a 2-layer, 320-token-vocabulary Llama peaks at 380-386 MiB.
+IMPORT_RSS_BYTES = 346 * MiB
+RUNTIME_OVERHEAD_BYTES = 385 * MiB
+# Share of a non-checkpointed pass's activations that glibc's heap keeps resident (see the module doc).
+ALLOCATOR_RETENTION = 0.5
+# glibc's malloc serves blocks of this size or more from their own mappings, returned when freed.
+MMAP_THRESHOLD_MAX = 32 * MiB
 NESTED_BLOCKSIZE = 256
+COMPONENTS = ("weights", "quant_constants", "checkpoint_pages", "adapters", "gradients", "optimizer",
+              "activations", "logits", "allocator", "workspace", "runtime")  # fmt: skip
 
 
 def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> tuple[int, int]:
@@ -93,6 +102,8 @@ class MemoryEstimate:
     components: dict[str, int] = field(default_factory=dict)
     loading: int = 0
     trainable_params: int = 0
+    loading_file_pages: int = 0
+    """Clean pages of the mapped checkpoint file inside `loading`."""
 
     @property
     def training(self) -> int:
@@ -100,7 +111,15 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
+        """The peak resident set size (what `ru_maxrss` reports)."""
         return max(self.training, self.loading)
+
+    @property
+    def required(self) -> int:
+        """The memory that must fit in RAM: the peak without clean checkpoint-file pages, which the
+        kernel drops and re-reads under memory pressure instead of failing."""
+        return max(self.training - self.components.get("checkpoint_pages", 0),
+                   self.loading - self.loading_file_pages)  # fmt: skip
 
 
 def _layer_activation_bytes(
@@ -156,9 +175,21 @@ def _model_activation_bytes(
 
 
 def _logits_bytes(arch: ModelShape, tokens: int, e: int) -> int:
-    """fp32 logits (saved by log-softmax), the gradient of the log-probabilities and of the logits;
-    in 16-bit compute also the 16-bit logits the model returns and their gradient."""
-    return tokens * arch.vocab_size * (12 + (2 * e if e != 4 else 0))
+    """The loss's logits at its backward peak, 16 B per token per vocabulary entry in any compute dtype.
+
+    fp32: the logits the model returns (kept alive by the loss), the log-probabilities log-softmax
+    saves, and in backward the gradient of the log-probabilities and of the logits (4 x 4 B). 16-bit: the
+    16-bit logits and their fp32 copy's log-probabilities and gradients, and the 16-bit gradient (2e + 12).
+    """
+    return tokens * arch.vocab_size * (16 if e == 4 else 12 + 2 * e)
+
+
+def _allocator_bytes(full_activations: int, held_activations: int, freed_weights: int) -> int:
+    """Heap memory glibc keeps: the share of a non-checkpointed pass's activations that is not held
+    anyway, or the 16-bit weights freed after quantizing them, whichever is larger (later allocations
+    reuse the same freed blocks, so the two do not add up)."""
+    retained = int(ALLOCATOR_RETENTION * full_activations) - held_activations
+    return max(0, retained, freed_weights)
 
 
 def _optimizer_bytes(optimizer: str, trainable: int, tensors: int, master: bool) -> int:
@@ -171,6 +202,87 @@ def _optimizer_bytes(optimizer: str, trainable: int, tensors: int, master: bool)
     else:
         raise ConfigError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     return states + (trainable * 4 if master else 0)
+
+
+def _place_checkpoint(arch: ModelShape, method: str, compute_dtype: Any, c: dict[str, int]) -> int:
+    """Set `checkpoint_pages`; return the bytes of converted weights freed after quantization.
+
+    A checkpoint stored in the compute dtype is mapped and used in place: QLoRA reads every linear from
+    the mapping to quantize it, and those pages stay resident while the unquantized embeddings still
+    use the file. A checkpoint in another dtype is converted while loading; QLoRA then frees the
+    converted linears one by one, and the allocator keeps those blocks (the ones below glibc's largest
+    mmap threshold; larger blocks are unmapped when freed).
+    """
+    if method != "qlora":
+        return 0
+    if dtype_name(arch.checkpoint_dtype) == dtype_name(compute_dtype):
+        c["checkpoint_pages"] = arch.linear_weight_params() * dtype_bytes(arch.checkpoint_dtype)
+        return 0
+    e = dtype_bytes(compute_dtype)
+    # blocks of MMAP_THRESHOLD_MAX or more are mapped on their own and unmapped when freed
+    kept = [lin.numel * e for lin in arch.layer_linears() if lin.numel * e < MMAP_THRESHOLD_MAX]
+    return arch.num_layers * sum(kept)
+
+
+def _loading_bytes(arch: ModelShape, compute_dtype: Any, c: dict[str, int]) -> tuple[int, int]:
+    """(peak RSS while the model is loaded and quantized, clean file pages in it).
+
+    In place: the pages read so far (the linears QLoRA quantized) plus the 4-bit weights. Converted: the whole mapped file next to
+    the converted model until loading ends. A GGUF file is first dequantized to an fp32 model (once:
+    qlorakit caches the converted folder, which later runs load in place or convert as above).
+    """
+    n = arch.num_params()
+    runtime = c["runtime"]
+    if dtype_name(arch.checkpoint_dtype) == dtype_name(compute_dtype):
+        # weights used in place are not touched before the first forward pass; quantized ones were read
+        pages = c["checkpoint_pages"]
+        in_place = (n - arch.linear_weight_params() if pages else n) * dtype_bytes(compute_dtype)
+        load = runtime + c["weights"] - in_place + c["quant_constants"] + pages
+    else:
+        pages = n * dtype_bytes(arch.checkpoint_dtype)
+        load = runtime + pages + n * dtype_bytes(compute_dtype)
+    if arch.checkpoint_format == "gguf" and runtime + n * 4 > load:
+        load, pages = runtime + n * 4, 0
+    return load, pages
+
+
+def _parameter_bytes(
+    arch: ModelShape,
+    method: str,
+    adapted: list[LinearShape],
+    r: int,
+    e: int,
+    blocksize: int,
+    double_quant: bool,
+    optimizer: str,
+    c: dict[str, int],
+) -> int:
+    """Fill weights, quantization constants, adapters, gradients, optimizer and workspace; return the
+    number of trainable parameters."""
+    n_total = arch.num_params()
+    largest_linear = max(lin.numel for lin in arch.layer_linears())
+    if method == "qlora":
+        packed, consts = 0, 0
+        for lin in arch.layer_linears():
+            p, q = quantized_bytes(lin.numel, blocksize, double_quant)
+            packed, consts = packed + p * arch.num_layers, consts + q * arch.num_layers
+        c["weights"] = packed + (n_total - arch.linear_weight_params()) * e
+        c["quant_constants"] = consts
+        c["workspace"] = largest_linear * (4 + e)  # one weight dequantized (fp32 product, then cast)
+    else:
+        c["weights"] = n_total * e
+    if method == "full":
+        trainable, tensors = n_total, arch.num_param_tensors()
+        c["gradients"] = trainable * e
+        # AdamW's per-tensor `denom` temporary (CPU: no foreach)
+        c["workspace"] += max(largest_linear, arch.vocab_size * arch.hidden_size) * 4
+    else:
+        trainable = arch.num_layers * sum(r * (lin.in_features + lin.out_features) for lin in adapted)
+        tensors = arch.num_layers * len(adapted) * 2
+        c["adapters"] = trainable * 4
+        c["gradients"] = trainable * 4
+    c["optimizer"] = _optimizer_bytes(optimizer, trainable, tensors, master=method == "full" and e != 4)
+    return trainable
 
 
 def estimate_memory(
@@ -196,47 +308,9 @@ def estimate_memory(
     if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
         raise ConfigError(f"blocksize {blocksize} must be a power of two in 32..4096")
     e = dtype_bytes(compute_dtype)
-    n_total = arch.num_params()
     adapted = [] if method == "full" else target_linears(arch, targets)
-    c: dict[str, int] = dict.fromkeys(
-        (
-            "weights",
-            "quant_constants",
-            "adapters",
-            "gradients",
-            "optimizer",
-            "activations",
-            "logits",
-            "workspace",
-            "runtime",
-        ),
-        0,
-    )
-    largest_linear = max(lin.numel for lin in arch.layer_linears())
-    if method == "qlora":
-        packed, consts = 0, 0
-        for lin in arch.layer_linears():
-            p, q = quantized_bytes(lin.numel, blocksize, double_quant)
-            packed, consts = packed + p * arch.num_layers, consts + q * arch.num_layers
-        c["weights"] = packed + (n_total - arch.linear_weight_params()) * e
-        c["quant_constants"] = consts
-        c["workspace"] = largest_linear * (4 + e)  # one weight dequantized (fp32 product, then cast)
-    else:
-        c["weights"] = n_total * e
-    if method == "full":
-        trainable, tensors = n_total, arch.num_param_tensors()
-        c["gradients"] = trainable * e
-        master = e != 4
-    else:
-        trainable = arch.num_layers * sum(r * (lin.in_features + lin.out_features) for lin in adapted)
-        tensors = arch.num_layers * len(adapted) * 2
-        c["adapters"] = trainable * 4
-        c["gradients"] = trainable * 4
-        master = False
-    c["optimizer"] = _optimizer_bytes(optimizer, trainable, tensors, master)
-    largest_tensor = max(largest_linear, arch.vocab_size * arch.hidden_size)
-    if method == "full":
-        c["workspace"] += largest_tensor * 4  # AdamW's per-tensor `denom` temporary (CPU: no foreach)
+    c: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
+    trainable = _parameter_bytes(arch, method, adapted, r, e, blocksize, double_quant, optimizer, c)
 
     tokens = batch * seq
     layer = _layer_activation_bytes(arch, tokens, e, method, adapted, r, lora_dropout)
@@ -244,16 +318,13 @@ def estimate_memory(
     c["logits"] = _logits_bytes(arch, tokens, e)
     c["runtime"] = RUNTIME_OVERHEAD_BYTES
 
-    # Loading: safetensors are read and converted tensor by tensor (one tensor in its stored dtype on
-    # top of the final weights); transformers' GGUF loader dequantizes the whole model to fp32 first.
-    staged = n_total if arch.checkpoint_format == "gguf" else largest_tensor
-    load = (
-        RUNTIME_OVERHEAD_BYTES
-        + c["weights"]
-        + c["quant_constants"]
-        + staged * dtype_bytes(arch.checkpoint_dtype)
+    freed = _place_checkpoint(arch, method, compute_dtype, c)
+    full_acts = _model_activation_bytes(arch, tokens, e, layer, grad_checkpointing=False)
+    c["allocator"] = _allocator_bytes(full_acts, c["activations"], freed)
+    load, pages = _loading_bytes(arch, compute_dtype, c)
+    return MemoryEstimate(
+        method, batch, seq, grad_checkpointing, c, load, trainable, loading_file_pages=pages
     )
-    return MemoryEstimate(method, batch, seq, grad_checkpointing, c, loading=load, trainable_params=trainable)
 
 
 @dataclass(frozen=True)
@@ -267,6 +338,7 @@ class MethodAdvice:
     max_batch: int
     max_seq: int
     peak_bytes: int
+    """`MemoryEstimate.required` at `max_batch` (the memory that must fit, without droppable file pages)."""
 
 
 @dataclass(frozen=True)
@@ -299,7 +371,7 @@ def advise(
     **kwargs: Any,
 ) -> Advice:
     """For each method: the largest power-of-two batch at `seq` and sequence length at batch 1 (at most the
-    model's context) that fit `budget_bytes`, with gradient checkpointing only when it allows a larger batch.
+    model's context) whose `required` memory fits `budget_bytes`, with gradient checkpointing only when it allows a larger batch.
     `kwargs` go to `estimate_memory` (r, targets, compute_dtype, optimizer, blocksize, double_quant)."""
     kwargs.pop("grad_checkpointing", None)
     if arch.max_positions:
@@ -308,7 +380,9 @@ def advise(
     for method in methods:
 
         def peak(b: int, s: int, gc: bool, method: str = method) -> int:
-            return estimate_memory(arch, method=method, batch=b, seq=s, grad_checkpointing=gc, **kwargs).peak
+            return estimate_memory(
+                arch, method=method, batch=b, seq=s, grad_checkpointing=gc, **kwargs
+            ).required
 
         best = {}
         for gc in (False, True):

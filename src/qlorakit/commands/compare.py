@@ -93,7 +93,13 @@ def _check(config: str, overrides: list[str], out: Path | None) -> Path:
 
 def _run_one(command: list[str], label: str) -> None:
     print(f"== {label}: {shlex.join(command)}", flush=True)
-    code = subprocess.run(command, check=False).returncode
+    proc = subprocess.Popen(command)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the child too: let it save its checkpoint and stop (a second Ctrl-C aborts both)
+        proc.wait()
+        raise
     if code != 0:
         raise CompareRunError(
             f"the {label} run failed (exit status {code}); its error is printed above. Command: "
@@ -134,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         out,
         folders["lora16"],
         folders["qlora"],
-        commands={label: shlex.join(cmd) for label, cmd in commands.items()},
+        commands=None if args.report_only else {label: shlex.join(c) for label, c in commands.items()},
         auto_dtype=_auto_dtype(),
     )
     lora, qlora = read_run(folders["lora16"], RUNS[0][1]), read_run(folders["qlora"], RUNS[1][1])

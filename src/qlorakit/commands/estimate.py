@@ -9,11 +9,13 @@ from qlorakit.errors import ConfigError
 _ROWS = (
     ("weights", "Weights"),
     ("quant_constants", "Quantization constants"),
+    ("checkpoint_pages", "Mapped checkpoint pages"),
     ("adapters", "LoRA adapters"),
     ("gradients", "Gradients"),
     ("optimizer", "Optimizer states"),
     ("activations", "Activations"),
     ("logits", "Logits + loss"),
+    ("allocator", "Allocator-held (glibc)"),
     ("workspace", "Workspace"),
     ("runtime", "Runtime (Python + torch)"),
 )
@@ -111,8 +113,13 @@ def run(args: argparse.Namespace) -> int:
     rows.append(["Trainable parameters", *(f"{e.trainable_params / 1e6:,.2f}M" for e in estimates)])
     rows.append(["Training total", *(format_bytes(e.training) for e in estimates)])
     rows.append(["Loading peak", *(format_bytes(e.loading) for e in estimates)])
-    rows.append(["Peak (estimate)", *(format_bytes(e.peak) for e in estimates)])
+    rows.append(["Peak RSS (estimate)", *(format_bytes(e.peak) for e in estimates)])
+    rows.append(["Must fit in RAM", *(format_bytes(e.required) for e in estimates)])
     print(_table(["Component", *methods], rows))
+    print(
+        "\n(Peak RSS counts clean pages of the mapped checkpoint file; the kernel can drop those, so only "
+        "'Must fit in RAM' has to fit.)"
+    )
     if args.budget is not None:
         budget = parse_size(args.budget)
         advice = advise(shape, budget, seq=args.seq, methods=methods, **common)
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             gc = "with" if m.grad_checkpointing else "without"
             print(
                 f"  {m.method:5s}  batch up to {m.max_batch} at seq {args.seq}; seq up to {m.max_seq} at batch 1 "
-                f"({gc} gradient checkpointing; peak {format_bytes(m.peak_bytes)} at batch {m.max_batch})"
+                f"({gc} gradient checkpointing; needs {format_bytes(m.peak_bytes)} at batch {m.max_batch})"
             )
         best = advice.recommended
         print(f"  -> {'use ' + best.method if best else 'nothing fits: lower --seq or use a smaller model'}")
