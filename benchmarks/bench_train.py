@@ -29,10 +29,22 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def model_config(quick: bool) -> dict:
     if quick:
-        return dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=1000)
-    return dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                num_key_value_heads=16, vocab_size=32000)
+        return dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1000,
+        )
+    return dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+    )
 
 
 def make_model_dir(root: Path, quick: bool) -> Path:
@@ -81,14 +93,22 @@ def build_peft_bnb(model_dir: Path, gc: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map="cpu")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map="cpu"
+    )
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model = get_peft_model(
+        model,
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
     return model, torch.bfloat16
 
 
@@ -102,8 +122,10 @@ def build_peft_bf16(model_dir: Path, gc: bool):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
     return model, torch.bfloat16
 
 
@@ -134,7 +156,7 @@ def build_torchao(model_dir: Path, gc: bool):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name in TARGETS:
                 setattr(module, child_name, NF4LoRA(child))
@@ -145,8 +167,12 @@ def build_torchao(model_dir: Path, gc: bool):
     return model, torch.bfloat16
 
 
-BUILDERS = {"qlorakit": build_qlorakit, "peft_bnb": build_peft_bnb, "peft_bf16": build_peft_bf16,
-            "torchao": build_torchao}
+BUILDERS = {
+    "qlorakit": build_qlorakit,
+    "peft_bnb": build_peft_bnb,
+    "peft_bf16": build_peft_bf16,
+    "torchao": build_torchao,
+}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -178,13 +204,40 @@ def worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t)
         losses.append(loss.item())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"times": times, "losses": losses, "peak_rss": peak, "load_s": load_s,
-                      "trainable": sum(p.numel() for p in params)}))
+    print(
+        json.dumps(
+            {
+                "times": times,
+                "losses": losses,
+                "peak_rss": peak,
+                "load_s": load_s,
+                "trainable": sum(p.numel() for p in params),
+            }
+        )
+    )
 
 
-def run_worker(method: str, gc: bool, model_dir: Path, a: argparse.Namespace, steps: int, warmup: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--model", str(model_dir), "--steps", str(steps),
-           "--warmup", str(warmup), "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
+def run_worker(
+    method: str, gc: bool, model_dir: Path, a: argparse.Namespace, steps: int, warmup: int
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--model",
+        str(model_dir),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--batch",
+        str(a.batch),
+        "--seq",
+        str(a.seq),
+        "--threads",
+        str(a.threads),
+    ]
     if gc:
         cmd.append("--gc")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -222,42 +275,64 @@ def main() -> None:
                 for method in a.methods:
                     r = run_worker(method, gc, model_dir, a, a.steps, a.warmup)
                     results.setdefault((method, gc), []).append(r)
-                    print(f"round {rnd} {method:10s} gc={int(gc)}: "
-                          + (r["error"] if "error" in r else f"{statistics.median(r['times']):.2f} s/step, "
-                             f"peak {r['peak_rss'] / 2**30:.2f} GiB"), flush=True)
+                    print(
+                        f"round {rnd} {method:10s} gc={int(gc)}: "
+                        + (
+                            r["error"]
+                            if "error" in r
+                            else f"{statistics.median(r['times']):.2f} s/step, "
+                            f"peak {r['peak_rss'] / 2**30:.2f} GiB"
+                        ),
+                        flush=True,
+                    )
         curves = {m: run_worker(m, False, model_dir, a, 0, a.loss_steps) for m in a.methods}
     report(results, curves, a)
 
 
 def report(results: dict, curves: dict, a: argparse.Namespace) -> None:
     tokens = a.batch * a.seq
-    print(f"\nbatch {a.batch} x {a.seq} tokens, {a.threads} threads, medians over {a.rounds} rounds x {a.steps} steps")
-    print(f"{'method':10s} {'ckpt':>4s} {'s/step':>8s} {'tok/s':>8s} {'peak GiB':>9s} {'vs peft_bnb':>12s} "
-          f"{'vs peft_bf16':>13s} {'RSS vs torchao':>15s}")
+    print(
+        f"\nbatch {a.batch} x {a.seq} tokens, {a.threads} threads, medians over {a.rounds} rounds x {a.steps} steps"
+    )
+    print(
+        f"{'method':10s} {'ckpt':>4s} {'s/step':>8s} {'tok/s':>8s} {'peak GiB':>9s} {'vs peft_bnb':>12s} "
+        f"{'vs peft_bf16':>13s} {'RSS vs torchao':>15s}"
+    )
     med = {}
     for (method, gc), runs in results.items():
         ok = [r for r in runs if "error" not in r]
         if ok:
-            med[(method, gc)] = (statistics.median(t for r in ok for t in r["times"]),
-                                 statistics.median(r["peak_rss"] for r in ok))
+            med[(method, gc)] = (
+                statistics.median(t for r in ok for t in r["times"]),
+                statistics.median(r["peak_rss"] for r in ok),
+            )
     for (method, gc), (t, rss) in sorted(med.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        def ratio(other: str, idx: int, cur: float) -> str:
+
+        def ratio(other: str, idx: int, cur: float, gc: bool = gc) -> str:
             ref = med.get((other, gc))
             return f"{ref[idx] / cur:.2f}x" if ref else "-"
+
         rss_ratio = f"{rss / med[('torchao', gc)][1]:.2f}" if ("torchao", gc) in med else "-"
-        print(f"{method:10s} {int(gc):>4d} {t:8.2f} {tokens / t:8.0f} {rss / 2**30:9.2f} "
-              f"{ratio('peft_bnb', 0, t):>12s} {ratio('peft_bf16', 0, t):>13s} {rss_ratio:>15s}")
+        print(
+            f"{method:10s} {int(gc):>4d} {t:8.2f} {tokens / t:8.0f} {rss / 2**30:9.2f} "
+            f"{ratio('peft_bnb', 0, t):>12s} {ratio('peft_bf16', 0, t):>13s} {rss_ratio:>15s}"
+        )
     for (method, gc), runs in results.items():
         for r in runs:
             if "error" in r:
                 print(f"{method} gc={int(gc)} failed: {r['error']}")
-    print(f"\nloss on one fixed batch, steps 1..{a.loss_steps} (speed ratios above are peer time / qlorakit time)")
+    print(
+        f"\nloss on one fixed batch, steps 1..{a.loss_steps} (speed ratios above are peer time / qlorakit time)"
+    )
     for method, r in curves.items():
         if "error" in r:
             print(f"{method:10s} failed: {r['error']}")
         else:
             ls = r["losses"]
-            print(f"{method:10s} first {ls[0]:.4f} last {ls[-1]:.4f}  " + " ".join(f"{x:.3f}" for x in ls[:: max(1, len(ls) // 10)]))
+            print(
+                f"{method:10s} first {ls[0]:.4f} last {ls[-1]:.4f}  "
+                + " ".join(f"{x:.3f}" for x in ls[:: max(1, len(ls) // 10)])
+            )
 
 
 if __name__ == "__main__":

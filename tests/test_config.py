@@ -18,7 +18,9 @@ def test_yaml_and_overrides_fill_the_tree(tmp_path):
         "model:\n  name: some/folder\nlora:\n  r: 8\n  target_modules: [q_proj, v_proj]\n"
         "data:\n  datasets:\n    - {path: a.json, weight: 2}\n    - {path: b.jsonl}\n"
     )
-    cfg = load_config(path, ["--train.lr=1e-4", "--lora.r=32", "--train.max-grad-norm=null", "quant.enabled=false"])
+    cfg = load_config(
+        path, ["--train.lr=1e-4", "--lora.r=32", "--train.max-grad-norm=null", "quant.enabled=false"]
+    )
     assert cfg.model.name == "some/folder"
     assert cfg.lora.r == 32 and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.train.lr == 1e-4 and cfg.train.max_grad_norm is None
@@ -34,7 +36,12 @@ def test_all_errors_reported_at_once(tmp_path):
         load_config(path, ["--quant.blocksize=100"])
     msg = str(exc.value)
     assert str(path) in msg
-    for needle in ("lora.rank: unknown key", "lora.r: expected an integer", "train.optim: must be one of", "foo: unknown key"):
+    for needle in (
+        "lora.rank: unknown key",
+        "lora.r: expected an integer",
+        "train.optim: must be one of",
+        "foo: unknown key",
+    ):
         assert needle in msg, msg
 
 

@@ -34,3 +34,7 @@ class ModelError(QLoraKitError):
 
 class DependencyError(QLoraKitError):
     """An optional package needed for the requested feature is not installed (the message gives the pip command)."""
+
+
+class TrainingDivergedError(QLoraKitError):
+    """The loss or the gradient norm became NaN/Inf; training stopped before the weights were touched."""

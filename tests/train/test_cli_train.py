@@ -145,15 +145,14 @@ def test_example_configs_are_valid(name, monkeypatch):
     monkeypatch.chdir(REPO)  # the own-file example points at configs/example-alpaca.json
     cfg = load_config(REPO / "configs" / name)
     check_datasets(cfg.data)
-    if (
-        name == "qlora-smollm2.yaml"
-    ):  # the documented demo: the same model, base, adapter and data as bare `qlorakit`
+    if name == "qlora-smollm2.yaml":  # the documented demo spells out exactly what bare `qlorakit` runs
         default = load_config(None)
-        assert (cfg.model, cfg.quant, cfg.lora, cfg.data.datasets) == (
+        assert (cfg.model, cfg.quant, cfg.lora, cfg.data, cfg.train) == (
             default.model,
             default.quant,
             default.lora,
-            default.data.datasets,
+            default.data,
+            default.train,
         )
         assert cfg.output.dir == default.output.dir
     if name == "lora16-smollm2.yaml":

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlorakit.config import TrainConfig
-from qlorakit.errors import CheckpointError, QLoraKitError
+from qlorakit.errors import CheckpointError, TrainingDivergedError
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.distributed import (
     DistContext,
@@ -37,10 +37,6 @@ from qlorakit.train.sampler import BatchOrder
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
-
-
-class TrainingDivergedError(QLoraKitError):
-    """The loss or the gradient norm became NaN/Inf; training stopped before the weights were touched."""
 
 
 @dataclass
@@ -88,6 +84,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def count_input_tokens(batch: Batch) -> int:
+    """Input tokens of a batch, for tokens/s. Packed batches carry a [B, 1, T, T] float mask instead of a
+    [B, T] one; their rows are filled up to max_length, so every position is counted (the trailing
+    padding of a last, partly filled row included)."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()) if mask.dim() == 2 else batch["input_ids"].numel()
+
+
 def count_label_tokens(batch: Batch) -> int:
     """Label tokens that contribute to the loss (after the next-token shift)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -109,7 +113,7 @@ def accumulate_gradients(
     world size when averaging, which the `world_size` factor undoes.
     """
     local = torch.tensor(
-        [sum(count_label_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)],
+        [sum(count_label_tokens(b) for b in batches), sum(count_input_tokens(b) for b in batches)],
         dtype=torch.int64,
     )
     label_tokens, input_tokens = (int(v) for v in all_reduce_sum(local, ctx))
