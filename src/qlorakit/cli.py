@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from qlorakit.errors import QLoraKitError
@@ -24,6 +25,15 @@ COMMANDS: dict[str, str] = {
     "estimate": "qlorakit.commands.estimate",
     "compare": "qlorakit.commands.compare",
 }
+
+
+# `--section.key=value` config overrides; argparse cannot declare them, so they are split off first.
+_OVERRIDE = re.compile(r"^--[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")
+
+
+def is_override(arg: str) -> bool:
+    """True for a config override such as `--train.lr=1e-4`."""
+    return bool(_OVERRIDE.match(arg))
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -50,10 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train"]  # `qlorakit` alone runs the embedded default demo, like `qlorakit train`
         first = "train"
     parser = build_parser(only=first if first in COMMANDS else None)
-    args = parser.parse_args(argv)
+    overrides = [a for a in argv if is_override(a)]
+    args = parser.parse_args([a for a in argv if not is_override(a)])
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    # Commands that take config overrides declare `overrides=[]` in their defaults; others reject them.
+    if overrides and getattr(args, "overrides", None) is None:
+        parser.error(f"qlorakit {args.command} takes no --section.key=value overrides: {' '.join(overrides)}")
+    if overrides:
+        args.overrides = overrides
     try:
         return int(args.func(args) or 0)
     except QLoraKitError as exc:

@@ -43,22 +43,6 @@ def register(subparsers: Any) -> None:
         help="do not train: rebuild the report from the runs already in --out",
     )
     parser.set_defaults(func=run, overrides=[])
-    _accept_overrides(parser)
-
-
-def _accept_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let `--section.key=value` through argparse into `args.overrides` (other unknown options stay errors)."""
-    from qlorakit.commands.train import is_override
-
-    parse_known = parser.parse_known_args
-
-    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
-        args = list(args or [])
-        ns, extra = parse_known(args=[a for a in args if not is_override(a)], namespace=namespace)
-        ns.overrides = [a for a in args if is_override(a)]
-        return ns, extra
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def train_command(config: str, overrides: list[str], quant: bool, out_dir: Path) -> list[str]:

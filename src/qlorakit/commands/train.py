@@ -10,16 +10,8 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import re
 import typing
 from typing import Any
-
-_OVERRIDE = re.compile(r"^--[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")
-
-
-def is_override(arg: str) -> bool:
-    """`--section.key=value` (at least one dot, an `=`)."""
-    return bool(_OVERRIDE.match(arg))
 
 
 def _field_docs() -> dict[tuple[str, str], str]:
@@ -77,21 +69,6 @@ def register(subparsers: Any) -> None:
         help="continue from the newest valid checkpoint (= --train.resume=auto)",
     )
     parser.set_defaults(func=run, overrides=[])
-    _accept_overrides(parser)
-
-
-def _accept_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let `--section.key=value` through argparse (any other unknown option stays an error)."""
-    parse_known = parser.parse_known_args
-
-    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
-        args = list(args or [])
-        overrides = [a for a in args if is_override(a)]
-        ns, extra = parse_known(args=[a for a in args if not is_override(a)], namespace=namespace)
-        ns.overrides = overrides
-        return ns, extra
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def run(args: argparse.Namespace) -> int:

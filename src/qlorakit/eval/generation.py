@@ -224,16 +224,9 @@ def load_base(
             f"model {spec}: a safetensors file is corrupt or truncated ({exc}); re-download or re-export it"
         ) from exc
     if four_bit and not is_four_bit(model):
-        from qlorakit.quant.convert import quantize_model
+        from qlorakit.quant.convert import quantize_model_as
 
-        quantize_model(
-            model,
-            skip=tuple(quant.skip),
-            blocksize=quant.blocksize,
-            quant_type=quant.quant_type,
-            double_quant=quant.double_quant,
-            compute_dtype=compute_dtype,
-        )
+        quantize_model_as(model, quant, compute_dtype)
     model.eval()
     return model, tokenizer
 

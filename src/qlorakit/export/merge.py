@@ -213,18 +213,11 @@ def _requantize(dense_dir: Path, out_dir: Path, tokenizer: Any, quant: QuantConf
     from transformers import AutoModelForCausalLM
 
     from qlorakit.eval.generation import resolve_compute_dtype
-    from qlorakit.quant.convert import load_quantized, quantize_model, save_quantized
+    from qlorakit.quant.convert import load_quantized, quantize_model_as, save_quantized
 
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
     merged = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    quantize_model(
-        merged,
-        skip=tuple(quant.skip),
-        blocksize=quant.blocksize,
-        quant_type=quant.quant_type,
-        double_quant=quant.double_quant,
-        compute_dtype=compute_dtype,
-    )
+    quantize_model_as(merged, quant, compute_dtype)
     save_quantized(merged, tokenizer, out_dir)
     del merged
     gc.collect()

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from qlorakit.quant.blockwise import bits_per_parameter
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype
 from qlorakit.quant.report import LayerReport, QuantizeReport, weight_error
 from qlorakit.quant.state import state_from_tensors, state_to_tensors
+
+if TYPE_CHECKING:
+    from qlorakit.config import QuantConfig
 
 STATE_KEY_MARK = ".weight.quant_state.bitsandbytes__"
 
@@ -107,6 +110,20 @@ def _quantize_one(model: nn.Module, name: str, conv1d: type | None, settings: di
     )
     del weight
     return report
+
+
+def quantize_model_as(
+    model: nn.Module, quant: QuantConfig, compute_dtype: torch.dtype | None
+) -> QuantizeReport:
+    """`quantize_model` with the settings of a `quant` config section."""
+    return quantize_model(
+        model,
+        skip=tuple(quant.skip),
+        blocksize=quant.blocksize,
+        quant_type=quant.quant_type,
+        double_quant=quant.double_quant,
+        compute_dtype=compute_dtype,
+    )
 
 
 def quantize_model(

@@ -116,17 +116,9 @@ def build_model(cfg: Config, compute_dtype: torch.dtype, ctx: DistContext) -> tu
         cfg.model.name, dtype=compute_dtype, device="cpu", trust_remote_code=cfg.model.trust_remote_code
     )
     if cfg.quant.enabled:
-        from qlorakit.quant.convert import quantize_model
+        from qlorakit.quant.convert import quantize_model_as
 
-        q = cfg.quant
-        quantize_model(
-            model,
-            skip=tuple(q.skip),
-            blocksize=q.blocksize,
-            quant_type=q.quant_type,
-            double_quant=q.double_quant,
-            compute_dtype=compute_dtype,
-        )
+        quantize_model_as(model, cfg.quant, compute_dtype)
     prepare_for_kbit_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
     report = inject_lora(model, cfg.lora, seed=cfg.train.seed)
     model.to(ctx.device)
