@@ -24,7 +24,9 @@ def test_token_loss_sum_matches_transformers_mean_loss():
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
-    cfg = TrainConfig(max_steps=20, batch_size=4, lr=1e-2, eval_every=10, save_every=10, keep_last=1, seed=1)
+    cfg = TrainConfig(
+        max_steps=20, batch_size=4, lr=1e-2, eval_every=10, save_every=10, keep_last=1, seed=1, warmup_steps=0
+    )
     result, _, _ = run_tiny(tmp_path, cfg)
     records = read_records(tmp_path / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
