@@ -80,11 +80,12 @@ def build_qlorakit(model_dir: Path, gc: bool):
     from qlorakit.quant.convert import quantize_model
     from qlorakit.quant.linear import default_compute_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    # As the training recipe does: load in the compute dtype (fp32 on CPUs without native bf16), quantize.
     compute = default_compute_dtype(torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute)
     quantize_model(model, compute_dtype=compute)
+    prepare_for_kbit_training(model, gradient_checkpointing=gc)  # freezes the base, so before injecting
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=TARGETS), seed=0)
-    prepare_for_kbit_training(model, gradient_checkpointing=gc)
     return model, None if compute == torch.float32 else compute
 
 
