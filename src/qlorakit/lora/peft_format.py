@@ -96,29 +96,12 @@ def adapter_config_dict(
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
     """The tensors PEFT saves for `adapter_name`, under PEFT's keys (detached CPU copies)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model).items():
-        if adapter_name not in layer.lora_A:
-            continue
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-        if adapter_name in layer.lora_magnitude_vector:
-            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[
-                adapter_name
-            ].weight
-        if bias == "lora_only" and layer.base_layer.bias is not None:
-            tensors[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
-    if not tensors:
+    live = _live_tensors(model, adapter_name, bias)
+    if not any(key.endswith(".lora_A.weight") for key in live):
         raise ModelError(
             f"the model has no LoRA layers with adapter {adapter_name!r}; call inject_lora first"
         )
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for key, value in module.modules_to_save[adapter_name].state_dict().items():
-                tensors[f"{PREFIX}{path}.{key}"] = value
-    if bias == "all":
-        tensors.update({f"{PREFIX}{name}": p for name, p in trainable_bias_params(model)})
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in live.items()}
 
 
 def _check_cfg_describes_model(
