@@ -49,8 +49,8 @@ def ratio(base: float | None, ours: float | None) -> str:
 def measure_compile() -> None:
     """First compile into an empty cache, then a cached load, each in a fresh process."""
     probe = (
-        "import time; t = time.perf_counter(); from qlorakit.quant import kernels; ok = kernels.available(); "
-        "print(ok, kernels.isa(), kernels.load_seconds, time.perf_counter() - t)"
+        "import time; t = time.perf_counter(); from qlorakit import native; from qlorakit.quant import kernels; ok = kernels.available(); "
+        "print(ok, kernels.isa(), native.load_seconds, time.perf_counter() - t)"
     )
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "QLORAKIT_CACHE": cache, "QLORAKIT_NO_KERNELS": ""}

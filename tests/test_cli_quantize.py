@@ -13,7 +13,8 @@ from conftest import make_tiny_llama
 from qlorakit.cli import main
 from qlorakit.eval.perplexity import builtin_eval_text, perplexity
 from qlorakit.models import load_model
-from qlorakit.quant.convert import load_quantized, quantized_layers
+from qlorakit.quant.convert import quantized_layers
+from qlorakit.quant.loading import load_quantized
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

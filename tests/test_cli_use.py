@@ -235,7 +235,7 @@ def test_export_errors_point_to_the_right_command(setup, tmp_path, capsys):
 
 
 def test_export_bnb4_loads_in_transformers_and_back_to_hf(setup, tmp_path, capsys):
-    from qlorakit.quant.convert import load_quantized
+    from qlorakit.quant.loading import load_quantized
 
     q4 = tmp_path / "q4"
     assert main(["export", str(setup / "base"), "--format", "bnb4", "--out", str(q4)]) == 0

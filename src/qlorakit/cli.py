@@ -12,6 +12,7 @@ import re
 import sys
 
 from qlorakit.errors import QLoraKitError
+from qlorakit.memory import configure_allocator
 
 # name -> module; order is the order shown in --help.
 COMMANDS: dict[str, str] = {
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"qlorakit {args.command} takes no --section.key=value overrides: {' '.join(overrides)}")
     if overrides:
         args.overrides = overrides
+    configure_allocator()  # freed tensors leave the resident set (see qlorakit.memory)
     try:
         return int(args.func(args) or 0)
     except QLoraKitError as exc:

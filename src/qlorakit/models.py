@@ -23,12 +23,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qlorakit.atomic import atomic_directory, atomic_write_json
 from qlorakit.errors import CheckpointError, ModelError
+
+if TYPE_CHECKING:
+    from qlorakit.config import QuantConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -217,6 +220,45 @@ def is_quantized_folder(folder: Path) -> bool:
     return True
 
 
+def _load_full_precision(
+    folder: Path, dtype: torch.dtype | str, trust_remote_code: bool, quantize: QuantConfig | None
+) -> Any:
+    """from_pretrained, or with `quantize` the streaming 4-bit load (from_pretrained + quantize_model
+    when the checkpoint needs transformers' own loading: remote code, .bin files, renamed keys)."""
+    import transformers
+    from safetensors import SafetensorError
+
+    try:
+        if quantize is not None:
+            if isinstance(dtype, str):
+                raise ModelError("quantizing while loading needs a torch dtype for the weights, not 'auto'")
+            model = None
+            if not trust_remote_code and (folder / "config.json").is_file() and _has_safetensors(folder):
+                from qlorakit.quant.loading import load_quantizing
+
+                model = load_quantizing(folder, quantize, dtype)
+            if model is not None:
+                return model
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{folder}: a safetensors file is corrupt or truncated ({exc}); re-download or re-export it"
+        ) from exc
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"cannot load the model in {folder}: {exc}") from exc
+    if quantize is not None:
+        from qlorakit.quant.convert import quantize_model_as
+
+        quantize_model_as(model, quantize, dtype)  # type: ignore[arg-type]
+    return model
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
 def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
     import transformers
 
@@ -238,15 +280,16 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     compute_dtype: torch.dtype | None = None,
+    quantize: QuantConfig | None = None,
 ) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` for a spec (see module doc). The model is in eval mode on `device`.
 
     dtype: floating dtype of the full-precision weights, or "auto" for the dtype the checkpoint
     declares. A pre-quantized 4-bit folder keeps its packed weights; dtype applies to the rest, and
-    its 4-bit layers compute in `compute_dtype` (None: the best dtype for `device`).
+    its 4-bit layers compute in `compute_dtype` (None: the best dtype for `device`). `quantize` (a quant
+    config section) quantizes a full-precision checkpoint to 4 bits while reading it, never holding the
+    whole model in `dtype` (which must then be a torch dtype).
     """
-    import transformers
-
     if isinstance(dtype, str) and dtype != "auto":
         raise ModelError(f"dtype {dtype!r} is not a torch dtype nor 'auto'")
     path = resolve_model_path(spec)
@@ -254,24 +297,13 @@ def load_model(
     folder = convert_gguf(path, name=text if text in BUILTIN_MODELS else None) if path.is_file() else path
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     if is_quantized_folder(folder):
-        from qlorakit.quant.convert import load_quantized
         from qlorakit.quant.linear import default_compute_dtype
+        from qlorakit.quant.loading import load_quantized
 
         chosen = compute_dtype if compute_dtype is not None else default_compute_dtype(device)
         model = load_quantized(folder, chosen, dtype=None if dtype == "auto" else dtype)
     else:
-        from safetensors import SafetensorError
-
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, trust_remote_code=trust_remote_code
-            )
-        except SafetensorError as exc:
-            raise CheckpointError(
-                f"{folder}: a safetensors file is corrupt or truncated ({exc}); re-download or re-export it"
-            ) from exc
-        except (ValueError, OSError) as exc:
-            raise ModelError(f"cannot load the model in {folder}: {exc}") from exc
+        model = _load_full_precision(folder, dtype, trust_remote_code, quantize)
     if text in BUILTIN_MODELS:
         # Record the spec the user gave, so adapters name the base portably (not this machine's cache path).
         model.config._name_or_path = text

@@ -130,7 +130,8 @@ def test_failure_midway_leaves_no_folder(tmp_path, tiny_tokenizer):
 
 def test_export_hf_from_4bit_folder(tmp_path, tiny_tokenizer):
     """A 4-bit folder becomes a dense folder whose weights are exactly the dequantized NF4 weights."""
-    from qlorakit.quant.convert import load_quantized, quantize_model, save_quantized
+    from qlorakit.quant.convert import quantize_model, save_quantized
+    from qlorakit.quant.loading import load_quantized
 
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer))
     quantize_model(model, compute_dtype=torch.float32)

@@ -144,7 +144,7 @@ def test_bf16_merge_with_small_shards(tmp_path, tiny_model_dir, tiny_tokenizer):
 
 
 def test_merge_to_nf4_warns_and_reports_drift(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from qlorakit.quant.convert import load_quantized
+    from qlorakit.quant.loading import load_quantized
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=5)
     with pytest.warns(UserWarning, match="re-quantizing"):

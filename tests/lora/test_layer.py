@@ -12,6 +12,7 @@ from torch import nn
 
 from qlorakit.errors import ConfigError, ModelError, QuantizationError
 from qlorakit.lora.dora import dora_weight_norm
+from qlorakit.lora.dropout import draw_seed, keep_mask_reference
 from qlorakit.lora.layer import LoRALinear, delta_weight, init_lora_weights, lora_scaling
 
 
@@ -38,6 +39,21 @@ def _randomise(layer: LoRALinear, peft_layer=None, name: str = "default", seed: 
             peft_layer.lora_B[name].weight.copy_(b)
             if name in layer.lora_magnitude_vector:
                 peft_layer.lora_magnitude_vector[name].weight.copy_(layer.lora_magnitude_vector[name].weight)
+
+
+class _SameMaskDropout(nn.Module):
+    """Inverted dropout drawing qlorakit's mask (same seed draw from the global generator), so a PEFT layer
+    given it sees exactly the masks a LoRALinear draws after the same `torch.manual_seed`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = keep_mask_reference(draw_seed(), x.numel(), self.p).view(x.shape)
+        return x * keep / (1 - self.p)
 
 
 @pytest.fixture
@@ -102,10 +118,11 @@ def test_starts_as_noop_and_matches_formula(base):
 @pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_forward_and_grads_match_peft(base, use_dora, use_rslora):
-    """Same outputs and gradients as PEFT, in train mode with dropout (same RNG draws) and in eval mode."""
+    """Same outputs and gradients as PEFT, in train mode with dropout (same masks) and in eval mode."""
     peft_layer = _peft_layer(
         base, r=4, lora_alpha=8, lora_dropout=0.3, use_dora=use_dora, use_rslora=use_rslora
     )
+    peft_layer.lora_dropout["default"] = _SameMaskDropout(0.3)
     ours = LoRALinear(base, r=4, alpha=8, dropout=0.3, use_dora=use_dora, use_rslora=use_rslora, seed=3)
     if use_dora:  # magnitude initialised like PEFT's: the row norms of the base weight
         torch.testing.assert_close(
@@ -252,10 +269,11 @@ def test_backward_keeps_no_dense_lora_matrix(dropout):
     # The only [out, in] tensor autograd may hold is the frozen base weight itself (by reference, no copy).
     assert all(t.data_ptr() == base.weight.data_ptr() for t in dense)
     assert max(t.numel() for t in saved) <= x.numel()
-    # Input-sized tensors: x itself (no dropped-out copy) and, with dropout, a 1-byte keep-mask.
+    # Input-sized tensors: x itself (no dropped-out copy); with dropout, a 1-bit keep-mask.
     input_sized = [t for t in saved if t.shape == x.shape]
-    assert all(t.data_ptr() == x.data_ptr() or t.dtype == torch.bool for t in input_sized)
-    assert sum(t.dtype == torch.bool for t in input_sized) == (1 if dropout else 0)
+    assert all(t.data_ptr() == x.data_ptr() for t in input_sized)
+    masks = [t for t in saved if t.dtype == torch.uint8]
+    assert [t.numel() for t in masks] == ([-(-x.numel() // 8)] if dropout else [])
     assert any(t.shape == (10, 4) for t in saved), "the [tokens, r] intermediate"
 
 

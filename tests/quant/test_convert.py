@@ -29,12 +29,12 @@ from qlorakit.errors import CheckpointError, QuantizationError
 from qlorakit.quant.blockwise import dequantize_4bit, quantize_4bit
 from qlorakit.quant.convert import (
     bnb_quantization_config,
-    load_quantized,
     quantize_model,
     quantized_layers,
     save_quantized,
 )
 from qlorakit.quant.linear import Linear4bit
+from qlorakit.quant.loading import load_quantized
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qlorakit.config import QuantConfig
-from qlorakit.errors import CheckpointError, ConfigError, ModelError
+from qlorakit.errors import ConfigError, ModelError
 
 TextCallback = Callable[[str], None]
 
@@ -209,24 +209,15 @@ def load_base(
     """(model, tokenizer) in eval mode, built as training builds it.
 
     The weights load in the compute dtype (`quant.compute_dtype`; fp32 on CPUs without native bf16) and,
-    with `four_bit`, are quantized layer by layer. A folder already stored in 4 bits is used as it is.
+    with `four_bit`, are quantized layer by layer as they are read. A folder already stored in 4 bits is
+    used as it is.
     """
     from qlorakit.models import load_model
 
     quant = quant or QuantConfig()
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
-    from safetensors import SafetensorError
-
-    try:
-        model, tokenizer = load_model(spec, dtype=compute_dtype)
-    except SafetensorError as exc:
-        raise CheckpointError(
-            f"model {spec}: a safetensors file is corrupt or truncated ({exc}); re-download or re-export it"
-        ) from exc
-    if four_bit and not is_four_bit(model):
-        from qlorakit.quant.convert import quantize_model_as
-
-        quantize_model_as(model, quant, compute_dtype)
+    # With four_bit, each layer is quantized as it is read (a folder already in 4 bits is used as stored).
+    model, tokenizer = load_model(spec, dtype=compute_dtype, quantize=quant if four_bit else None)
     model.eval()
     return model, tokenizer
 

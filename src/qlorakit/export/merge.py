@@ -213,7 +213,8 @@ def _requantize(dense_dir: Path, out_dir: Path, tokenizer: Any, quant: QuantConf
     from transformers import AutoModelForCausalLM
 
     from qlorakit.eval.generation import resolve_compute_dtype
-    from qlorakit.quant.convert import load_quantized, quantize_model_as, save_quantized
+    from qlorakit.quant.convert import quantize_model_as, save_quantized
+    from qlorakit.quant.loading import load_quantized
 
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
     merged = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)

@@ -1,14 +1,16 @@
 """The LoRA branch as pure functions: `base_out + scaling * B(A(dropout(x)))` without forming `B @ A`.
 
 Memory is the point: autograd keeps only the LoRA input, the [tokens, r] intermediate and (with dropout)
-a 1-byte keep-mask per element, never an [out, in] matrix and never a second full-precision copy of
-the dropped-out input.
+a 1-bit keep-mask per element (`qlorakit.lora.dropout`), never an [out, in] matrix and never a second
+full-precision copy of the dropped-out input.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from qlorakit.lora.dropout import dropout_project
 
 
 def branch_dtype(x: torch.Tensor) -> torch.dtype:
@@ -18,42 +20,12 @@ def branch_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _DropoutProject(torch.autograd.Function):
-    """`dropout(x, p) @ A^T` saving x and a bool keep-mask instead of the dropped copy and a float mask.
-
-    x is usually alive anyway (the input of the base layer and of the sibling q/k/v or gate/up adapters),
-    so the dropout costs 1 byte per element instead of the 2 full-precision copies plain dropout +
-    linear keep. The mask is drawn as `empty_like(x).bernoulli_(1 - p)`, the same draw as torch's CPU
-    dropout, so seeded runs reproduce PEFT's masks there.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        scale = 1.0 / (1.0 - p)
-        keep = torch.empty_like(x).bernoulli_(1.0 - p)
-        h = F.linear(x * keep * scale, weight)
-        ctx.save_for_backward(x, keep.bool(), weight)
-        ctx.scale = scale
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h: torch.Tensor):  # type: ignore[override]
-        x, keep, weight = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_h @ weight.to(grad_h.dtype)) * keep * ctx.scale
-        if ctx.needs_input_grad[1]:
-            dropped = (x * keep * ctx.scale).reshape(-1, x.shape[-1])
-            grad_w = (grad_h.reshape(-1, grad_h.shape[-1]).t() @ dropped.to(grad_h.dtype)).to(weight.dtype)
-        return grad_x, grad_w, None
-
-
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout: float) -> torch.Tensor:
     """`dropout(x) @ A^T` in the branch dtype: x [..., in], A [r, in] -> [..., r]; dropout=0 means none."""
     dtype = branch_dtype(x)
     x, a = x.to(dtype), lora_A.to(dtype)
     if dropout > 0.0:
-        return _DropoutProject.apply(x, a, dropout)
+        return dropout_project(x, a, dropout)
     return F.linear(x, a)
 
 

@@ -24,6 +24,7 @@ from qlorakit.lora.dora import (
     dora_unmerged_weight,
     dora_weight_norm,
 )
+from qlorakit.lora.dropout import dropout
 from qlorakit.lora.functional import branch_dtype, lora_forward
 
 INITS = ("default", "gaussian")
@@ -321,7 +322,7 @@ class LoRALinear(nn.Module):
             return lora_forward(
                 x, result, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
             )
-        x_in = F.dropout(x, p=p, training=True) if p > 0.0 else x
+        x_in = dropout(x, p) if p > 0.0 else x
         return self._dora_forward(x_in, result, p > 0.0, name)
 
     def _dora_forward(

@@ -3,17 +3,16 @@
 `quantize_model` swaps every `nn.Linear` (and GPT-2 style `Conv1D`) for a `Linear4bit`, one layer at a
 time, dropping the original weight as soon as its layer is replaced, so peak memory stays near the model
 plus one layer. `save_quantized` writes the folder transformers writes for a bitsandbytes 4-bit model
-(same config entry, same tensor keys and bytes), and `load_quantized` reads such folders, whoever made
-them, without re-quantizing.
+(same config entry, same tensor keys and bytes); `qlorakit.quant.loading` reads such folders, and
+quantizes full-precision checkpoints while reading them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +20,11 @@ import torch
 from torch import nn
 
 from qlorakit.atomic import atomic_directory, atomic_write_text
-from qlorakit.errors import CheckpointError, FormatError, ModelError, QuantizationError
+from qlorakit.errors import FormatError, ModelError, QuantizationError
 from qlorakit.quant.blockwise import bits_per_parameter
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype
 from qlorakit.quant.report import LayerReport, QuantizeReport, weight_error
-from qlorakit.quant.state import state_from_tensors, state_to_tensors
+from qlorakit.quant.state import state_to_tensors
 
 if TYPE_CHECKING:
     from qlorakit.config import QuantConfig
@@ -290,194 +289,8 @@ def save_quantized(
     return out
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real, so the
-    non-persistent ones (rotary inv_freq) are computed as usual."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def _checkpoint_files(folder: Path) -> dict[str, Path]:
-    """tensor key -> safetensors file, for a single file or a sharded checkpoint with an index."""
-    from safetensors import safe_open
-
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map): {exc}") from exc
-        files = {key: folder / name for key, name in weight_map.items()}
-        for path in set(files.values()):
-            if not path.is_file():
-                raise CheckpointError(f"{index} lists shard {path.name}, which is missing from {folder}")
-        return files
-    if single.is_file():
-        try:
-            with safe_open(single, framework="pt") as fh:
-                return dict.fromkeys(fh.keys(), single)
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{single} is not a readable safetensors file: {exc}") from exc
-    raise CheckpointError(f"{folder} has no model.safetensors (nor model.safetensors.index.json)")
-
-
-class _Reader:
-    """Reads tensors by key from the checkpoint's files, keeping each file open once."""
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files
-        self._stack = contextlib.ExitStack()
-        self._open: dict[Path, Any] = {}
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self.files[key]
-        if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(path, framework="pt"))
-        return self._open[path].get_tensor(key)
-
-
-def _quantized_prefixes(keys: Sequence[str]) -> list[str]:
-    """ "P." for every `P.weight.quant_state.bitsandbytes__<type>` key."""
-    return sorted(k[: k.index(STATE_KEY_MARK) + 1] for k in keys if STATE_KEY_MARK in k)
-
-
-def _swap_in_4bit(model: nn.Module, prefix: str, reader: _Reader, compute_dtype: torch.dtype) -> None:
-    conv1d = _conv1d_class()
-    name = prefix[:-1]
-    state_key = next(k for k in reader.files if k.startswith(f"{prefix}weight.quant_state."))
-    source = str(reader.files[state_key])
-    try:
-        module = model.get_submodule(name)
-    except AttributeError as exc:
-        raise CheckpointError(
-            f"{source}: 4-bit weight {prefix}weight has no module {name!r} in the model"
-        ) from exc
-    if not _is_quantizable(module, conv1d):
-        raise CheckpointError(f"{source}: {prefix}weight is 4-bit but {name} is a {type(module).__name__}")
-    tensors = {k: reader.get(k) for k in reader.files if k.startswith(f"{prefix}weight")}
-    packed, state = state_from_tensors(prefix, tensors, source=source)
-    linear = _as_linear(module, conv1d)
-    expected = (linear.out_features, linear.in_features)
-    if tuple(state.shape) != expected:
-        raise CheckpointError(
-            f"{source}: {prefix}weight has shape {list(state.shape)}, the model expects {list(expected)}"
-        )
-    bias = None
-    if module.bias is not None:
-        if f"{prefix}bias" not in reader.files:
-            raise CheckpointError(f"{source}: missing key {prefix}bias (the model's {name} has a bias)")
-        bias = reader.get(f"{prefix}bias")
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, Linear4bit(packed, state, bias, compute_dtype))
-
-
-def _build_skeleton(folder: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-    qconfig = config.__dict__.pop("quantization_config", None)
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config)
-    if qconfig is not None:
-        model.config.quantization_config = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-    return model
-
-
-def _check_keys(model: nn.Module, files: dict[str, Path], prefixes: list[str], folder: Path) -> list[str]:
-    """The non-4-bit keys to load; CheckpointError for a missing or unexpected one."""
-    import re
-
-    in_4bit = tuple(prefixes)
-    expected = {k for k in model.state_dict() if not k.startswith(in_4bit)}
-    present = {k for k in files if not k.startswith(in_4bit)}
-    tied = set(model.all_tied_weights_keys)
-    ignore = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or [])]
-    missing = sorted(expected - present - tied)
-    unexpected = sorted(k for k in present - expected if not any(p.search(k) for p in ignore))
-    if missing:
-        raise CheckpointError(
-            f"{files[next(iter(files))] if files else folder}: missing key {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + " that the model needs; the checkpoint does not match its config.json"
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"{files[unexpected[0]]}: unexpected key {unexpected[0]!r}"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-            + " that the model has no place for; the checkpoint does not match its config.json"
-        )
-    return sorted(present & expected)
-
-
-def load_quantized(
-    folder: str | os.PathLike[str],
-    compute_dtype: torch.dtype | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Load a bitsandbytes 4-bit HF folder (written by qlorakit or transformers) on the CPU, in eval mode.
-
-    The 4-bit weights are used as stored (never re-quantized). compute_dtype None picks the best for
-    the CPU; dtype casts the full-precision tensors (None keeps the checkpoint's dtypes).
-    """
-    from transformers import GenerationConfig
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} is not a model folder: config.json is missing")
-    compute_dtype = compute_dtype if compute_dtype is not None else default_compute_dtype("cpu")
-    files = _checkpoint_files(folder)
-    prefixes = _quantized_prefixes(list(files))
-    if not prefixes:
-        raise CheckpointError(
-            f"{folder} holds no 4-bit weights (no '*{STATE_KEY_MARK}*' keys); load it as a full-precision model"
-        )
-    model = _build_skeleton(folder)
-    with _Reader(files) as reader:
-        for prefix in prefixes:
-            _swap_in_4bit(model, prefix, reader, compute_dtype)
-        keys = _check_keys(model, files, prefixes, folder)
-        rest = {}
-        for key in keys:
-            t = reader.get(key)
-            rest[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    model.load_state_dict(rest, strict=False, assign=True)
-    model.tie_weights()
-    for name, p in [*model.named_parameters(), *model.named_buffers()]:
-        if p.is_meta:
-            raise CheckpointError(f"{folder}: nothing in the checkpoint fills {name!r}")
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    model.eval()
-    return model
-
-
 __all__ = [
     "bnb_quantization_config",
-    "load_quantized",
     "matches_skip",
     "quantize_model",
     "quantized_layers",

@@ -1,152 +1,26 @@
 """The C++ CPU fast path for 4-bit blockwise quantization (bitsandbytes semantics, bit-identical results).
 
-`csrc/nf4_cpu.cpp` is compiled on first use with `torch.utils.cpp_extension.load` into
-`$QLORAKIT_CACHE/ext/<key>` (default `~/.cache/qlorakit/ext/<key>`), where the key hashes the source, the torch
-and Python versions, the compiler and the CPU flags, so later processes load the cached shared object in
-milliseconds. The source includes only `<ATen/Parallel.h>`, which keeps the first compile short, and exports
-plain C functions over raw pointers: this module validates every tensor and allocates the outputs. Work runs
-on torch's intra-op thread pool (`at::parallel_for`), so `torch.set_num_threads` governs it.
-
-Vector paths (AVX-512, AVX2, scalar) are chosen at run time inside the library. If anything fails (no compiler,
-unsupported platform) a one-line warning is issued once, `available()` returns False and callers use the
-plain-torch reference. `QLORAKIT_NO_KERNELS=1` disables the fast path.
+The kernels live in `csrc/nf4_cpu.cpp`, compiled and loaded by `qlorakit.native` (see there: the build
+cache, the one-line warning and plain-torch fallback when no compiler is available, `QLORAKIT_NO_KERNELS=1`).
+This module validates every tensor, allocates the outputs and calls the C functions.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import threading
-import time
-import warnings
-from pathlib import Path
 
 import torch
 
+from qlorakit import native
 from qlorakit.errors import QuantizationError
+from qlorakit.native import available, build_directory, isa
 from qlorakit.quant.codes import quantize_bounds
 
-_SOURCE = Path(__file__).with_name("csrc") / "nf4_cpu.cpp"
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_isa = 0
-#: Seconds the last successful `_load` took (compile or cached load), for benchmarks.
-load_seconds: float | None = None
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler_version() -> str:
-    cxx = os.environ.get("CXX", "c++")
-    try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False)
-        return out.stdout.splitlines()[0] if out.stdout else cxx
-    except (OSError, subprocess.SubprocessError):
-        return cxx
-
-
-def build_directory() -> Path:
-    """The cache folder of the compiled extension for this source, torch, Python, compiler and CPU."""
-    key = hashlib.sha256()
-    for part in (
-        _SOURCE.read_bytes(),
-        torch.__version__.encode(),
-        sys.version.encode(),
-        _compiler_version().encode(),
-        _cpu_flags().encode(),
-    ):
-        key.update(part)
-        key.update(b"\0")
-    root = Path(os.environ.get("QLORAKIT_CACHE") or Path.home() / ".cache" / "qlorakit")
-    return root / "ext" / key.hexdigest()[:16]
-
-
-def _load() -> ctypes.CDLL:
-    from torch.utils.cpp_extension import load
-
-    global load_seconds
-    start = time.perf_counter()
-    build_dir = build_directory()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # -fopenmp makes at::parallel_for use OpenMP like torch does; libgomp resolves to the copy torch loaded.
-    path = load(
-        name=f"qlorakit_nf4_{build_dir.name}",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
-    lib = ctypes.CDLL(str(path))
-    lib.qlk_best_isa.restype = ctypes.c_int64
-    lib.qlk_dequantize.restype = ctypes.c_int
-    lib.qlk_dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
-    lib.qlk_dequantize.argtypes += [ctypes.c_void_p, ctypes.c_int64]
-    lib.qlk_quantize.restype = ctypes.c_int
-    lib.qlk_quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.qlk_quantize.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    load_seconds = time.perf_counter() - start
-    return lib
-
-
-def _library() -> ctypes.CDLL | None:
-    global _lib, _tried, _isa
-    if _tried:
-        return _lib
-    with _lock:
-        if _tried:
-            return _lib
-        try:
-            if os.environ.get("QLORAKIT_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no"):
-                return None
-            if not _SOURCE.is_file():
-                raise FileNotFoundError(_SOURCE)
-            _lib = _load()
-            _isa = int(_lib.qlk_best_isa())
-        except Exception as exc:  # any build or load failure means: use the reference
-            _lib = None
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            warnings.warn(
-                f"qlorakit: C++ CPU kernels unavailable ({type(exc).__name__}: {first_line}); "
-                "using the slower plain-torch path",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        finally:
-            _tried = True
-    return _lib
-
-
-def available() -> bool:
-    """True when the compiled CPU kernels can be used in this process (compiles them on first call)."""
-    return _library() is not None
-
-
-def isa() -> str:
-    """The vector instruction set the kernels use here: "avx512", "avx2", "scalar" or "none" (unavailable)."""
-    if _library() is None:
-        return "none"
-    return {2: "avx512", 1: "avx2", 0: "scalar"}[_isa]
 
 
 def _require() -> ctypes.CDLL:
-    lib = _library()
+    lib = native.library()
     if lib is None:
         raise QuantizationError(
             "the qlorakit C++ CPU kernels are not available (see the earlier warning, or unset "
@@ -176,10 +50,11 @@ def _check_blocksize(blocksize: int) -> None:
 
 
 def _isa_for(force_isa: int | None) -> int:
+    best = native.best_isa()
     if force_isa is None:
-        return _isa
-    if force_isa not in (0, 1, 2) or force_isa > _isa:
-        raise QuantizationError(f"force_isa={force_isa} is not usable here (best is {_isa})")
+        return best
+    if force_isa not in (0, 1, 2) or force_isa > best:
+        raise QuantizationError(f"force_isa={force_isa} is not usable here (best is {best})")
     return force_isa
 
 
@@ -271,6 +146,5 @@ __all__ = [
     "build_directory",
     "dequantize_blocks_cpu",
     "isa",
-    "load_seconds",
     "quantize_blocks_cpu",
 ]

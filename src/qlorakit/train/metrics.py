@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,9 +133,10 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    """Peak resident memory of this process in MiB (see qlorakit.memory.peak_rss_bytes)."""
+    from qlorakit.memory import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:

@@ -113,12 +113,12 @@ def build_model(cfg: Config, compute_dtype: torch.dtype, ctx: DistContext) -> tu
     from qlorakit.models import load_model
 
     model, tokenizer = load_model(
-        cfg.model.name, dtype=compute_dtype, device="cpu", trust_remote_code=cfg.model.trust_remote_code
+        cfg.model.name,
+        dtype=compute_dtype,
+        device="cpu",
+        trust_remote_code=cfg.model.trust_remote_code,
+        quantize=cfg.quant if cfg.quant.enabled else None,
     )
-    if cfg.quant.enabled:
-        from qlorakit.quant.convert import quantize_model_as
-
-        quantize_model_as(model, cfg.quant, compute_dtype)
     prepare_for_kbit_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
     report = inject_lora(model, cfg.lora, seed=cfg.train.seed)
     model.to(ctx.device)
