@@ -4,7 +4,9 @@ Workload: a ~168M-parameter Llama (hidden 1024, intermediate 2816, 8 layers, 16 
 head), batch 4 x 256 tokens, LoRA r=16, alpha=32, dropout 0.05 on all 7 projections, AdamW lr 2e-4.
 Each (method, checkpointing) pair runs in its own process (so peak RSS includes loading), interleaved over
 rounds; the table reports medians and ratios. A separate run per method trains 20 steps on one fixed batch
-to compare the loss curves (same learning).
+to compare the loss curves (same learning). qlorakit's step computes the loss as its training loop does
+(`qlorakit.train.loop.batch_loss_sum`: the fused output head + cross-entropy, no full logits); the peers
+use `model(**batch).loss`.
 
     python benchmarks/bench_train.py            # full
     python benchmarks/bench_train.py --quick    # tiny model, to check that it runs
@@ -176,6 +178,16 @@ BUILDERS = {
 }
 
 
+def qlorakit_loss(model, batch: dict, autocast):
+    """The mean token loss exactly as qlorakit's training loop computes it (fused head + cross-entropy
+    where the model allows it, under the same autocast), equal to `model(**batch).loss`."""
+    import torch
+
+    from qlorakit.train.loop import batch_loss_sum, count_label_tokens
+
+    return batch_loss_sum(model, batch, torch.device("cpu"), autocast) / count_label_tokens(batch)
+
+
 def worker(args: argparse.Namespace) -> None:
     import contextlib
 
@@ -194,9 +206,12 @@ def worker(args: argparse.Namespace) -> None:
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         t = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-        with ctx:
-            loss = model(**batch).loss
+        if args.worker == "qlorakit":
+            loss = qlorakit_loss(model, batch, autocast)
+        else:
+            ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+            with ctx:
+                loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()

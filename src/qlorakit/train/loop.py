@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qlorakit.config import TrainConfig
@@ -31,11 +30,12 @@ from qlorakit.train.distributed import (
     gather_bytes,
     unwrap_model,
 )
+from qlorakit.train.head_loss import IGNORE_INDEX, causal_lm_loss_sum
+from qlorakit.train.head_loss import token_loss_sum as token_loss_sum  # re-exported: the plain loss
 from qlorakit.train.metrics import MetricsWriter, progress_bar
 from qlorakit.train.optim import lr_at, set_lr, trainable_named_parameters
 from qlorakit.train.sampler import BatchOrder
 
-IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
 
 
@@ -77,13 +77,6 @@ class CheckpointPlan:
 # Single-concern helpers.
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy in fp32. logits [B, T, V], labels [B, T] (-100 = ignored) -> []."""
-    shifted = logits[:, :-1, :].flatten(0, 1).float()
-    targets = labels[:, 1:].flatten()
-    return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def count_input_tokens(batch: Batch) -> int:
     """Input tokens of a batch, for tokens/s. Packed batches carry a [B, 1, T, T] float mask instead of a
     [B, T] one; their rows are filled up to max_length, so every position is counted (the trailing
@@ -97,11 +90,14 @@ def count_label_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _forward(model: nn.Module, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None) -> Any:
+def batch_loss_sum(
+    model: nn.Module, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Summed next-token loss of one batch (see head_loss.causal_lm_loss_sum) -> [] fp32."""
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
-        return model(**inputs, use_cache=False).logits
+        return causal_lm_loss_sum(model, inputs, batch["labels"].to(device))
 
 
 def accumulate_gradients(
@@ -123,8 +119,7 @@ def accumulate_gradients(
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last or not ctx.distributed else model.no_sync()
         with sync:
-            logits = _forward(model, batch, ctx.device, autocast_dtype)
-            loss_sum = token_loss_sum(logits, batch["labels"].to(ctx.device))
+            loss_sum = batch_loss_sum(model, batch, ctx.device, autocast_dtype)
             (loss_sum * scale).backward()
         total += loss_sum.detach().double().cpu()
     loss = float(all_reduce_sum(total, ctx)) / max(1, label_tokens)
@@ -158,8 +153,7 @@ def evaluate_loss(
     totals = torch.zeros(2, dtype=torch.float64)
     for k in range(ctx.rank, len(starts), ctx.world_size):
         batch = collate_fn(examples[starts[k] : starts[k] + batch_size])
-        logits = _forward(net, batch, ctx.device, autocast_dtype)
-        totals[0] += float(token_loss_sum(logits, batch["labels"].to(ctx.device)))
+        totals[0] += float(batch_loss_sum(net, batch, ctx.device, autocast_dtype))
         totals[1] += count_label_tokens(batch)
     net.train(was_training)
     loss_sum, tokens = all_reduce_sum(totals, ctx).tolist()
