@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 
+from conftest import make_tiny_llama
 from qlorakit.config import QuantConfig
 from qlorakit.errors import QuantizationError
 from qlorakit.models import load_model
