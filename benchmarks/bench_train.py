@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,17 +74,20 @@ def fixed_batch(vocab: int, batch: int, seq: int):
 
 def build_qlorakit(model_dir: Path, gc: bool):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from qlorakit.config import LoRAConfig
+    from qlorakit.config import LoRAConfig, QuantConfig
     from qlorakit.lora.inject import inject_lora, prepare_for_kbit_training
-    from qlorakit.quant.convert import quantize_model
+    from qlorakit.memory import configure_allocator
     from qlorakit.quant.linear import default_compute_dtype
+    from qlorakit.quant.loading import load_quantizing
 
-    # As the training recipe does: load in the compute dtype (fp32 on CPUs without native bf16), quantize.
+    # As `qlorakit train` does: the command line fixes malloc's mmap threshold at start-up, the recipe
+    # loads through qlorakit.models.load_model, which for this folder (no tokenizer here) is
+    # load_quantizing: each linear quantized as it is read, the rest in the compute dtype (fp32 on CPUs
+    # without native bf16).
+    configure_allocator()
     compute = default_compute_dtype(torch.device("cpu"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute)
-    quantize_model(model, compute_dtype=compute)
+    model = load_quantizing(model_dir, QuantConfig(), compute)
     prepare_for_kbit_training(model, gradient_checkpointing=gc)  # freezes the base, so before injecting
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=TARGETS), seed=0)
     return model, None if compute == torch.float32 else compute
@@ -219,7 +221,9 @@ def worker(args: argparse.Namespace) -> None:
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
         losses.append(loss.item())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from qlorakit.memory import peak_rss_bytes  # no torch import: adds nothing to the peers' memory
+
+    peak = peak_rss_bytes()  # this worker's own peak (ru_maxrss would include the parent's at fork)
     print(
         json.dumps(
             {
