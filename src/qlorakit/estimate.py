@@ -6,33 +6,34 @@ breakdown of the peak resident set (RSS) of the PyTorch CPU process that trains 
 
     weights           frozen or trainable parameters (4-bit packed linears for QLoRA)
     quant_constants   absmax per 64-block (8 bit + a nested fp32 per 256 blocks with double quantization)
-    checkpoint_pages  pages of the checkpoint file that stay mapped: when the checkpoint is stored in the
-                      compute dtype, transformers maps the safetensors file and uses it in place, so the
-                      original weights that QLoRA quantizes were read from the mapping and stay resident
-                      (clean file pages: counted in RSS, though the kernel may drop them under pressure)
     adapters          LoRA A/B matrices, fp32
     gradients         of the trainable parameters
     optimizer         AdamW m and v in fp32, plus fp32 master weights when training 16-bit parameters
     activations       tensors autograd saves per decoder layer (counted from the saved tensors of
                       transformers' Llama layer with SDPA attention)
-    logits            batch * seq * vocab * 16 B at the backward peak: the logits the loss holds, the fp32
+    logits            the loss. qlorakit's fused head + cross-entropy (`qlorakit.train.head_loss`, for
+                      the architectures it knows): a per-token logsumexp, the fp32 gradient of the last
+                      hidden states and a few [1024, 4096] fp32 blocks of logits at a time. Otherwise
+                      batch * seq * vocab * 16 B at the backward peak: the logits the loss holds, the fp32
                       log-probabilities cross-entropy saves, the gradient of those and of the logits
-    allocator         memory glibc's malloc keeps after PyTorch frees it: blocks below its mmap
-                      threshold (at most 32 MiB) go back to the heap, not the kernel, so the layer
-                      activations that gradient checkpointing frees and recomputes, and the 16-bit
-                      weights QLoRA frees after converting them, stay resident (measured, see below)
+    allocator         memory the C allocator keeps after PyTorch frees it (see below)
     workspace         transient buffers: a dequantized 4-bit weight, AdamW step temporaries
     runtime           the process itself: Python + torch + transformers + qlorakit, measured
 
 `training` is the sum of those (gradients stay allocated across micro-batches in a trainer that
 accumulates them); `loading` is the peak while the checkpoint is read and converted; `peak` the larger
-(what `ru_maxrss` reports); `required` leaves out the clean checkpoint-file pages, the part that must fit.
+(the process's peak RSS); `required` leaves out clean checkpoint-file pages, the part that must fit.
 
-The allocator share is measured, not derived: on Linux/glibc 2.36, `qlorakit train` of SmolLM2-135M with
-checkpointing kept 35-68% of the activations a non-checkpointed pass would hold (the resident set with
-glibc's defaults minus the same run with a fixed 64 KiB mmap threshold, over 256-1024 tokens per step);
-`ALLOCATOR_RETENTION` is the middle of that range. Other allocators (jemalloc, CUDA's caching allocator)
-behave differently.
+Loading: QLoRA quantizes each linear as it reads it with plain file reads (`qlorakit.quant.loading`), so
+it holds the 4-bit model, the unquantized rest and one layer's weight. 16-bit methods load with
+transformers, which maps the safetensors file: stored in the compute dtype, the tensors are used in
+place (file pages); in another dtype, the mapped file and the converted model coexist while loading.
+
+The allocator: the `qlorakit` command fixes glibc's mmap threshold at 1 MiB (`qlorakit.memory`), so every
+activation of 1 MiB or more is returned to the system when freed. With glibc's dynamic threshold the heap
+instead kept 35-68% of a non-checkpointed pass's activations (measured on SmolLM2-135M);
+`ALLOCATOR_RETENTION` is what remains with the fixed threshold, measured by benchmarks/bench_estimate.py.
+Other allocators (jemalloc, CUDA's caching allocator) behave differently.
 """
 
 from __future__ import annotations
@@ -67,13 +68,14 @@ GiB = 2**30
 # transformers is 346 MiB; `qlorakit train` of a 2-layer, 320-token-vocabulary Llama peaks at 380-386 MiB.
 IMPORT_RSS_BYTES = 346 * MiB
 RUNTIME_OVERHEAD_BYTES = 385 * MiB
-# Share of a non-checkpointed pass's activations that glibc's heap keeps resident (see the module doc).
-ALLOCATOR_RETENTION = 0.5
-# glibc's malloc serves blocks of this size or more from their own mappings, returned when freed.
-MMAP_THRESHOLD_MAX = 32 * MiB
+# Share of a non-checkpointed pass's activations that the heap keeps resident with the fixed mmap
+# threshold the command line sets (see the module doc).
+ALLOCATOR_RETENTION = 0.0
 NESTED_BLOCKSIZE = 256
-COMPONENTS = ("weights", "quant_constants", "checkpoint_pages", "adapters", "gradients", "optimizer",
-              "activations", "logits", "allocator", "workspace", "runtime")  # fmt: skip
+# The fused loss's logits block (qlorakit.train.head_loss defaults) and how many live at its peak.
+LOSS_CHUNK_TOKENS, LOSS_CHUNK_VOCAB, LOSS_LIVE_BLOCKS = 1024, 4096, 3
+COMPONENTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer", "activations", "logits",
+              "allocator", "workspace", "runtime")  # fmt: skip
 
 
 def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> tuple[int, int]:
@@ -111,15 +113,14 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        """The peak resident set size (what `ru_maxrss` reports)."""
+        """The peak resident set size of the process."""
         return max(self.training, self.loading)
 
     @property
     def required(self) -> int:
         """The memory that must fit in RAM: the peak without clean checkpoint-file pages, which the
         kernel drops and re-reads under memory pressure instead of failing."""
-        return max(self.training - self.components.get("checkpoint_pages", 0),
-                   self.loading - self.loading_file_pages)  # fmt: skip
+        return max(self.training, self.loading - self.loading_file_pages)
 
 
 def _layer_activation_bytes(
@@ -138,7 +139,7 @@ def _layer_activation_bytes(
     output, o_proj's input, one more q-sized tensor and k, v at their KV size (4*qd + 2*kvd)*e plus a
     fp32 log-sum-exp per head, the gated MLP keeps gate, silu(gate), up and their product (4*i*e).
     A frozen norm weight does not keep its normalized output; each LoRA module keeps its A output
-    (r fp32), an fp32 copy of its input when computing in 16 bit, and a dropout mask + dropped input.
+    (r fp32), an fp32 copy of its input when computing in 16 bit, and with dropout a 1-bit keep-mask.
     """
     h, qd, kvd, i = (
         arch.hidden_size,
@@ -158,7 +159,7 @@ def _layer_activation_bytes(
                 # a frozen 16-bit linear drops its input (and attention its q-sized output copy) once
                 # LoRA keeps the fp32 copy instead
                 per_token -= lin.in_features * e * (2 if lin.name.endswith("o_proj") else 1)
-            per_token += lin.in_features * 5 if lora_dropout > 0 else 0
+            per_token += -(-lin.in_features // 8) if lora_dropout > 0 else 0
     return per_token * tokens
 
 
@@ -174,22 +175,33 @@ def _model_activation_bytes(
     return arch.num_layers * layer + fixed
 
 
-def _logits_bytes(arch: ModelShape, tokens: int, e: int) -> int:
-    """The loss's logits at its backward peak, 16 B per token per vocabulary entry in any compute dtype.
+def fused_loss_applies(arch: ModelShape) -> bool:
+    """True when qlorakit's training loop computes this architecture's loss with the fused head."""
+    from qlorakit.train.head_loss import FUSED_ARCHITECTURES
 
-    fp32: the logits the model returns (kept alive by the loss), the log-probabilities log-softmax
-    saves, and in backward the gradient of the log-probabilities and of the logits (4 x 4 B). 16-bit: the
-    16-bit logits and their fp32 copy's log-probabilities and gradients, and the 16-bit gradient (2e + 12).
+    return arch.model_type in FUSED_ARCHITECTURES.values()
+
+
+def _logits_bytes(arch: ModelShape, tokens: int, e: int, fused: bool) -> int:
+    """The loss at its backward peak.
+
+    Fused: the per-token logsumexp, target and row index (16 B), the fp32 gradient of the last hidden
+    states and its copy in the compute dtype, and LOSS_LIVE_BLOCKS fp32 blocks of logits. Full logits:
+    16 B per token per vocabulary entry in any compute dtype. fp32: the logits the model returns (kept
+    alive by the loss), the log-probabilities log-softmax saves, and in backward the gradient of the
+    log-probabilities and of the logits (4 x 4 B). 16-bit: the 16-bit logits and their fp32 copy's
+    log-probabilities and gradients, and the 16-bit gradient (2e + 12).
     """
+    if fused:
+        block = min(tokens, LOSS_CHUNK_TOKENS) * min(arch.vocab_size, LOSS_CHUNK_VOCAB) * 4
+        return tokens * (16 + arch.hidden_size * (4 + e)) + LOSS_LIVE_BLOCKS * block
     return tokens * arch.vocab_size * (16 if e == 4 else 12 + 2 * e)
 
 
-def _allocator_bytes(full_activations: int, held_activations: int, freed_weights: int) -> int:
-    """Heap memory glibc keeps: the share of a non-checkpointed pass's activations that is not held
-    anyway, or the 16-bit weights freed after quantizing them, whichever is larger (later allocations
-    reuse the same freed blocks, so the two do not add up)."""
-    retained = int(ALLOCATOR_RETENTION * full_activations) - held_activations
-    return max(0, retained, freed_weights)
+def _allocator_bytes(full_activations: int, held_activations: int) -> int:
+    """Heap memory the allocator keeps: the share of a non-checkpointed pass's activations that is not
+    held anyway."""
+    return max(0, int(ALLOCATOR_RETENTION * full_activations) - held_activations)
 
 
 def _optimizer_bytes(optimizer: str, trainable: int, tensors: int, master: bool) -> int:
@@ -204,40 +216,23 @@ def _optimizer_bytes(optimizer: str, trainable: int, tensors: int, master: bool)
     return states + (trainable * 4 if master else 0)
 
 
-def _place_checkpoint(arch: ModelShape, method: str, compute_dtype: Any, c: dict[str, int]) -> int:
-    """Set `checkpoint_pages`; return the bytes of converted weights freed after quantization.
-
-    A checkpoint stored in the compute dtype is mapped and used in place: QLoRA reads every linear from
-    the mapping to quantize it, and those pages stay resident while the unquantized embeddings still
-    use the file. A checkpoint in another dtype is converted while loading; QLoRA then frees the
-    converted linears one by one, and the allocator keeps those blocks (the ones below glibc's largest
-    mmap threshold; larger blocks are unmapped when freed).
-    """
-    if method != "qlora":
-        return 0
-    if dtype_name(arch.checkpoint_dtype) == dtype_name(compute_dtype):
-        c["checkpoint_pages"] = arch.linear_weight_params() * dtype_bytes(arch.checkpoint_dtype)
-        return 0
-    e = dtype_bytes(compute_dtype)
-    # blocks of MMAP_THRESHOLD_MAX or more are mapped on their own and unmapped when freed
-    kept = [lin.numel * e for lin in arch.layer_linears() if lin.numel * e < MMAP_THRESHOLD_MAX]
-    return arch.num_layers * sum(kept)
-
-
-def _loading_bytes(arch: ModelShape, compute_dtype: Any, c: dict[str, int]) -> tuple[int, int]:
+def _loading_bytes(arch: ModelShape, method: str, compute_dtype: Any, c: dict[str, int]) -> tuple[int, int]:
     """(peak RSS while the model is loaded and quantized, clean file pages in it).
 
-    In place: the pages read so far (the linears QLoRA quantized) plus the 4-bit weights. Converted: the whole mapped file next to
-    the converted model until loading ends. A GGUF file is first dequantized to an fp32 model (once:
-    qlorakit caches the converted folder, which later runs load in place or convert as above).
+    QLoRA: the 4-bit model and the unquantized rest, plus the largest linear in transit (as stored, in
+    the compute dtype, and dequantized to fp32 for the quantization report). 16-bit, stored in the
+    compute dtype: the mapped file is the model. Converted: the whole mapped file next to the converted
+    model until loading ends. A GGUF file is first dequantized to an fp32 model (once: qlorakit caches
+    the converted folder, which later runs load as above).
     """
     n = arch.num_params()
     runtime = c["runtime"]
-    if dtype_name(arch.checkpoint_dtype) == dtype_name(compute_dtype):
-        # weights used in place are not touched before the first forward pass; quantized ones were read
-        pages = c["checkpoint_pages"]
-        in_place = (n - arch.linear_weight_params() if pages else n) * dtype_bytes(compute_dtype)
-        load = runtime + c["weights"] - in_place + c["quant_constants"] + pages
+    if method == "qlora":
+        largest = max(lin.numel for lin in arch.layer_linears())
+        in_transit = largest * (dtype_bytes(arch.checkpoint_dtype) + dtype_bytes(compute_dtype) + 4)
+        load, pages = runtime + c["weights"] + c["quant_constants"] + in_transit, 0
+    elif dtype_name(arch.checkpoint_dtype) == dtype_name(compute_dtype):
+        load, pages = runtime + c["weights"], 0
     else:
         pages = n * dtype_bytes(arch.checkpoint_dtype)
         load = runtime + pages + n * dtype_bytes(compute_dtype)
@@ -315,13 +310,12 @@ def estimate_memory(
     tokens = batch * seq
     layer = _layer_activation_bytes(arch, tokens, e, method, adapted, r, lora_dropout)
     c["activations"] = _model_activation_bytes(arch, tokens, e, layer, grad_checkpointing)
-    c["logits"] = _logits_bytes(arch, tokens, e)
+    c["logits"] = _logits_bytes(arch, tokens, e, fused=method != "full" and fused_loss_applies(arch))
     c["runtime"] = RUNTIME_OVERHEAD_BYTES
 
-    freed = _place_checkpoint(arch, method, compute_dtype, c)
     full_acts = _model_activation_bytes(arch, tokens, e, layer, grad_checkpointing=False)
-    c["allocator"] = _allocator_bytes(full_acts, c["activations"], freed)
-    load, pages = _loading_bytes(arch, compute_dtype, c)
+    c["allocator"] = _allocator_bytes(full_acts, c["activations"])
+    load, pages = _loading_bytes(arch, method, compute_dtype, c)
     return MemoryEstimate(
         method, batch, seq, grad_checkpointing, c, load, trainable, loading_file_pages=pages
     )

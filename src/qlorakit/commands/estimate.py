@@ -9,7 +9,6 @@ from qlorakit.errors import ConfigError
 _ROWS = (
     ("weights", "Weights"),
     ("quant_constants", "Quantization constants"),
-    ("checkpoint_pages", "Mapped checkpoint pages"),
     ("adapters", "LoRA adapters"),
     ("gradients", "Gradients"),
     ("optimizer", "Optimizer states"),

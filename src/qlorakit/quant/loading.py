@@ -220,6 +220,20 @@ def _check_keys(model: nn.Module, files: dict[str, Path], prefixes: list[str], f
     return sorted(present & expected)
 
 
+def _finish(model: nn.Module, folder: Path) -> nn.Module:
+    """Tie weights, check that nothing is left on the meta device, take the generation config; eval mode."""
+    from transformers import GenerationConfig
+
+    model.tie_weights()
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.is_meta:
+            raise CheckpointError(f"{folder}: nothing in the checkpoint fills {name!r}")
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.eval()
+    return model
+
+
 def load_quantized(
     folder: str | os.PathLike[str],
     compute_dtype: torch.dtype | None = None,
@@ -231,8 +245,6 @@ def load_quantized(
     The 4-bit weights are used as stored (never re-quantized). compute_dtype None picks the best for
     the CPU; dtype casts the full-precision tensors (None keeps the checkpoint's dtypes).
     """
-    from transformers import GenerationConfig
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a model folder: config.json is missing")
@@ -253,14 +265,7 @@ def load_quantized(
             t = reader.get(key)
             rest[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     model.load_state_dict(rest, strict=False, assign=True)
-    model.tie_weights()
-    for name, p in [*model.named_parameters(), *model.named_buffers()]:
-        if p.is_meta:
-            raise CheckpointError(f"{folder}: nothing in the checkpoint fills {name!r}")
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    model.eval()
-    return model
+    return _finish(model, folder)
 
 
 def _quantizable_names(model: nn.Module, skip: Sequence[str]) -> list[str]:
@@ -297,8 +302,6 @@ def load_quantizing(
     at a time. Returns None when the folder's tensor names are not exactly the model's (a checkpoint that
     needs transformers' key conversions): callers then use from_pretrained + quantize_model.
     """
-    from transformers import GenerationConfig
-
     folder = Path(folder)
     files = _checkpoint_files(folder)
     if any(STATE_KEY_MARK in k for k in files):
@@ -327,14 +330,7 @@ def load_quantizing(
             if not key.startswith(done):
                 t = reader.get(key)
                 _fill(model, key, t.to(compute_dtype) if t.is_floating_point() else t)
-    model.tie_weights()
-    for name, p in [*model.named_parameters(), *model.named_buffers()]:
-        if p.is_meta:
-            raise CheckpointError(f"{folder}: nothing in the checkpoint fills {name!r}")
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    model.eval()
-    return model
+    return _finish(model, folder)
 
 
 __all__ = ["load_quantized", "load_quantizing"]
