@@ -378,3 +378,14 @@ def test_cli_prints_the_table_and_advice(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "qlora" in out and "lora " not in out.splitlines()[3]
     assert main(["estimate", str(tmp_path / "missing")]) == 2
+
+
+def test_a_gguf_is_converted_once_then_streams():
+    cfg = {**LLAMA2_7B, "hidden_size": 512, "intermediate_size": 1024, "_checkpoint_format": "gguf"}
+    fresh = estimate_memory(ModelShape.from_config(cfg), method="qlora", batch=1, seq=8)
+    cached = estimate_memory(
+        ModelShape.from_config({**cfg, "_gguf_converted": True}), method="qlora", batch=1, seq=8
+    )
+    n = ModelShape.from_config(cfg).num_params()
+    assert fresh.loading == fresh.components["runtime"] + n * 4  # the fp32 model the first conversion builds
+    assert cached.loading < fresh.loading and cached.loading_file_pages == 0

@@ -223,7 +223,7 @@ def _loading_bytes(arch: ModelShape, method: str, compute_dtype: Any, c: dict[st
     the compute dtype, and dequantized to fp32 for the quantization report). 16-bit, stored in the
     compute dtype: the mapped file is the model. Converted: the whole mapped file next to the converted
     model until loading ends. A GGUF file is first dequantized to an fp32 model (once: qlorakit caches
-    the converted folder, which later runs load as above).
+    the converted folder, which later runs load as above; `arch.gguf_converted` says it is cached).
     """
     n = arch.num_params()
     runtime = c["runtime"]
@@ -236,7 +236,7 @@ def _loading_bytes(arch: ModelShape, method: str, compute_dtype: Any, c: dict[st
     else:
         pages = n * dtype_bytes(arch.checkpoint_dtype)
         load = runtime + pages + n * dtype_bytes(compute_dtype)
-    if arch.checkpoint_format == "gguf" and runtime + n * 4 > load:
+    if arch.checkpoint_format == "gguf" and not arch.gguf_converted and runtime + n * 4 > load:
         load, pages = runtime + n * 4, 0
     return load, pages
 

@@ -69,6 +69,7 @@ class ModelShape:
     learned_positions: int = 0  # rows of a learned position embedding (GPT-2)
     checkpoint_dtype: str = "float32"
     checkpoint_format: str = "safetensors"  # or "gguf"
+    gguf_converted: bool = False  # a GGUF whose converted safetensors folder is already in qlorakit's cache
     max_positions: int = 0  # the context length the model was trained for (0: unknown)
 
     @classmethod
@@ -210,6 +211,7 @@ def _shape_from_dict(cfg: dict[str, Any], where: str) -> ModelShape:
         learned_positions=int(cfg.get("n_positions") or 1024) if model_type == "gpt2" else 0,
         checkpoint_dtype=_DTYPE_ALIASES.get(dtype.lower(), "float32"),
         checkpoint_format=str(cfg.get("_checkpoint_format", "safetensors")),
+        gguf_converted=bool(cfg.get("_gguf_converted", False)),
         max_positions=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),
     )
 
@@ -260,8 +262,18 @@ def config_from_gguf(path: str | Path) -> dict[str, Any]:
         # transformers dequantizes GGUF tensors to float32 when it loads them
         "dtype": "float32",
         "_checkpoint_format": "gguf",
+        "_gguf_converted": _conversion_cached(Path(path)),
     }
     return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _conversion_cached(path: Path) -> bool:
+    """Whether `qlorakit.models.convert_gguf` already cached this file's converted folder (as the
+    built-in model's name or the file's own stem)."""
+    from qlorakit.models import BUILTIN_MODELS as names
+    from qlorakit.models import gguf_conversion_cached
+
+    return any(gguf_conversion_cached(path, name) for name in (None, *names))
 
 
 def _model_name_from_yaml(path: Path) -> str:

@@ -133,6 +133,11 @@ def _cache_is_valid(folder: Path, fingerprint: dict[str, Any]) -> bool:
     return all(recorded.get(key) == value for key, value in fingerprint.items())
 
 
+def gguf_conversion_cached(gguf_path: Path, name: str | None = None) -> bool:
+    """True when `convert_gguf(gguf_path, name=name)` would return a cached folder without converting."""
+    return _cache_is_valid(gguf_cache_dir(gguf_path, name), _source_fingerprint(gguf_path))
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock so two processes do not convert the same file at once."""
