@@ -2,7 +2,8 @@
 
 For each model and method (16-bit LoRA, QLoRA) one `python -m qlorakit train` process runs a few optimizer
 steps on rows that all fill `--seq` tokens (so every batch is exactly batch x seq). Measured:
-- peak RSS of that child alone, from `os.wait4` (the kernel's ru_maxrss for exactly that process);
+- peak RSS of that child alone: the `peak_rss_mib` its summary.json records (its own VmHWM; the
+  ru_maxrss `os.wait4` reports would include this driver's peak, which a child inherits at fork + exec);
 - a psutil RSS sampling of the child (every 20 ms), split at the line the pipeline prints once the model is
   built and the data loaded: the loading peak and the training peak separately.
 Predicted: `estimate_memory(...)` with the run's settings (`loading`, `training`, `peak`). Printed: both and
@@ -144,8 +145,9 @@ def train_overrides(args: argparse.Namespace, model: str, data: Path, out: Path,
     ]
 
 
-def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run `command`; its peak RSS (MiB) from wait4, and sampled loading / training peaks."""
+def measure(command: list[str], env: dict[str, str], out: Path) -> dict[str, float]:
+    """Run `command`; its peak RSS (MiB) from the run's summary.json in `out`, and sampled loading /
+    training peaks."""
     import psutil
 
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -178,17 +180,16 @@ def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
     for t in threads:
         t.start()
     started = time.perf_counter()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would be the max)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     seconds = time.perf_counter() - started
     for t in threads:
         t.join(timeout=5)
     if proc.returncode != 0:
         sys.stderr.write("".join(lines[-40:]))
         raise SystemExit(f"training failed ({proc.returncode}): {' '.join(command)}")
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return {
-        "peak": usage.ru_maxrss * scale / 2**20,
+        "peak": float(summary["peak_rss_mib"]),
         "load_sampled": peaks["load"] / 2**20,
         "train_sampled": peaks["train"] / 2**20,
         "seconds": seconds,
@@ -290,7 +291,7 @@ def run_all(args: argparse.Namespace, names: list[str], dtype_name: str, env: di
                     *train_overrides(args, model, data, out, quant),
                 ]
                 shape, est = predict(model, method, args, dtype_name)
-                got = measure(command, env)
+                got = measure(command, env, out)
                 err = (est.peak / 2**20 - got["peak"]) / got["peak"] * 100
                 rows.append((name, shape.num_params() / 1e6, method, est, got, err))
                 print(
@@ -302,7 +303,9 @@ def run_all(args: argparse.Namespace, names: list[str], dtype_name: str, env: di
 
 
 def print_table(rows: list) -> None:
-    print("\nMiB; predicted load / train / peak RSS vs measured (sampled load / sampled train / wait4 peak)")
+    print(
+        "\nMiB; predicted load / train / peak RSS vs measured (sampled load / sampled train / summary peak)"
+    )
     header = f"{'model':13s} {'params':>7s} {'method':6s} {'p.load':>7s} {'p.train':>7s} {'p.peak':>7s} "
     header += f"{'m.load':>7s} {'m.train':>7s} {'m.peak':>7s} {'error':>7s}"
     print(header)
