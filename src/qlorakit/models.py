@@ -233,15 +233,14 @@ def _load_full_precision(
     import transformers
     from safetensors import SafetensorError
 
+    if quantize is not None and isinstance(dtype, str):
+        raise ModelError("quantizing while loading needs a torch dtype for the weights, not 'auto'")
+    stream = quantize is not None and not trust_remote_code and _has_safetensors(folder)
     try:
-        if quantize is not None:
-            if isinstance(dtype, str):
-                raise ModelError("quantizing while loading needs a torch dtype for the weights, not 'auto'")
-            model = None
-            if not trust_remote_code and (folder / "config.json").is_file() and _has_safetensors(folder):
-                from qlorakit.quant.loading import load_quantizing
+        if stream:
+            from qlorakit.quant.loading import load_quantizing
 
-                model = load_quantizing(folder, quantize, dtype)
+            model = load_quantizing(folder, quantize, dtype)  # None: keys need transformers' loading
             if model is not None:
                 return model
         model = transformers.AutoModelForCausalLM.from_pretrained(

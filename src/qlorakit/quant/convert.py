@@ -86,6 +86,27 @@ def _shared_weight_ids(model: nn.Module) -> set[int]:
     return embeddings | {pid for pid, n in owners.items() if n > 1}
 
 
+def select_layers(model: nn.Module, skip: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(names of the layers `quantize_model` replaces, [(name, why kept)]): exact nn.Linear / Conv1D, not
+    matching `skip`, weight not shared with an embedding or another module.
+
+    Names only: holding module objects would keep every original weight alive until the end.
+    """
+    conv1d = _conv1d_class()
+    shared = _shared_weight_ids(model)
+    names, skipped = [], []
+    for name, module in model.named_modules():
+        if not _is_quantizable(module, conv1d):
+            continue
+        if id(module.weight) in shared:
+            skipped.append((name, "tied to an embedding"))
+        elif matches_skip(name, skip):
+            skipped.append((name, "skipped"))
+        else:
+            names.append(name)
+    return names, skipped
+
+
 def _quantize_one(model: nn.Module, name: str, conv1d: type | None, settings: dict[str, Any]) -> LayerReport:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
@@ -144,20 +165,8 @@ def quantize_model(
         raise QuantizationError(f"skip must be a sequence of module names, got the string {skip!r}")
     started = time.perf_counter()
     conv1d = _conv1d_class()
-    shared = _shared_weight_ids(model)
     bytes_before = _tensor_bytes(model)
-    # Names only: holding module objects would keep every original weight alive until the end.
-    names, skipped = [], []
-    for name, module in model.named_modules():
-        if not _is_quantizable(module, conv1d):
-            continue
-        if id(module.weight) in shared:
-            skipped.append((name, "tied to an embedding"))
-        elif matches_skip(name, skip):
-            skipped.append((name, "skipped"))
-        else:
-            names.append(name)
-    del module
+    names, skipped = select_layers(model, skip)
     if not names:
         raise QuantizationError(
             f"no linear layer left to quantize in {type(model).__name__} (skip={list(skip)})"

@@ -13,7 +13,7 @@ import torch
 
 from qlorakit import native
 from qlorakit.errors import QuantizationError
-from qlorakit.native import available, build_directory, isa
+from qlorakit.native import available, isa
 from qlorakit.quant.codes import quantize_bounds
 
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -143,7 +143,6 @@ def quantize_blocks_cpu(
 
 __all__ = [
     "available",
-    "build_directory",
     "dequantize_blocks_cpu",
     "isa",
     "quantize_blocks_cpu",

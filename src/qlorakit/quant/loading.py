@@ -30,8 +30,7 @@ from qlorakit.quant.convert import (
     _conv1d_class,
     _is_quantizable,
     _quantize_one,
-    _shared_weight_ids,
-    matches_skip,
+    select_layers,
 )
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype
 from qlorakit.quant.state import state_from_tensors
@@ -268,19 +267,6 @@ def load_quantized(
     return _finish(model, folder)
 
 
-def _quantizable_names(model: nn.Module, skip: Sequence[str]) -> list[str]:
-    """The modules `quantize_model` would replace: exact nn.Linear / Conv1D, not skipped, weight not shared."""
-    conv1d = _conv1d_class()
-    shared = _shared_weight_ids(model)
-    return [
-        name
-        for name, module in model.named_modules()
-        if _is_quantizable(module, conv1d)
-        and id(module.weight) not in shared
-        and not matches_skip(name, skip)
-    ]
-
-
 def _fill(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     """Put `tensor` in place of the (meta) parameter or buffer `key`, keeping its requires_grad."""
     module_name, _, attr = key.rpartition(".")
@@ -319,7 +305,7 @@ def load_quantizing(
     )
     conv1d = _conv1d_class()
     with _Reader(files) as reader:
-        quantized = _quantizable_names(model, tuple(quant.skip))
+        quantized, _ = select_layers(model, tuple(quant.skip))
         for name in quantized:
             for attr in ("weight", "bias"):
                 if f"{name}.{attr}" in files:
