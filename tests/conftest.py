@@ -1,15 +1,71 @@
-"""Shared fixtures: tiny real transformers models and a real tokenizer, built on the fly (no hub)."""
+"""Shared fixtures: tiny real transformers models and a real tokenizer, built on the fly (no hub).
+
+Also two rules for the whole suite:
+- a fresh qlorakit cache (`QLORAKIT_CACHE` in a temporary folder, unless the caller sets one), so the
+  first-use work a new user meets (the built-in GGUF converted to safetensors, the C++ kernels compiled)
+  runs in every test session instead of hiding behind a developer's warm `~/.cache/qlorakit`;
+- under CI (`CI=true`) a test skipped because bitsandbytes, PEFT, another test dependency or the C++
+  kernels are missing is a failure: CI installs all of them, so such a skip means a broken install.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not os.environ.get("QLORAKIT_CACHE"):
+    # Set before qlorakit is imported anywhere; subprocesses started by tests inherit it.
+    os.environ["QLORAKIT_CACHE"] = tempfile.mkdtemp(prefix="qlorakit-test-cache-")
 
 import pytest
 import torch
+
+# Skip reasons that mean "something CI installs is missing" (importorskip says "could not import").
+_MISSING_DEPENDENCY = re.compile(r"could not import|No module named|could not be built|not installed", re.I)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_dependency_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_missing_dependency_skip(outcome.get_result())
+
+
+def _fail_missing_dependency_skip(report) -> None:
+    if not (_in_ci() and report.skipped):
+        return
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if _MISSING_DEPENDENCY.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"CI must not skip for a missing dependency (CI installs it): {reason}"
+
+
+def bnb_reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a transformers + bitsandbytes 4-bit model through bitsandbytes' training path.
+
+    That path dequantizes with bitsandbytes' own `dequantize_4bit` and runs one matmul in the layer's
+    compute dtype, whatever the CPU. Its no-grad eval path does not: on CPUs with AVX512-BF16 it repacks the
+    weight and runs a bf16-only fused kernel, so a reference taken there would depend on the machine.
+    The path is chosen by the input requiring a gradient, so the embeddings go in as a leaf that does.
+    """
+    model.eval()  # no dropout; `training` is not what selects bitsandbytes' kernel, requires_grad is
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with torch.enable_grad():
+        return model(inputs_embeds=embeds).logits.detach()
+
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

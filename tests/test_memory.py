@@ -1,7 +1,8 @@
-"""configure_allocator: freed large tensors leave the resident set (glibc)."""
+"""configure_allocator: freed large tensors leave the resident set, and (cache mode) are reused without faults."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -10,17 +11,22 @@ import textwrap
 
 import pytest
 
-from qlorakit.memory import configure_allocator
+from qlorakit import native
+from qlorakit.errors import ConfigError
+from qlorakit.memory import block_cache_bytes, configure_allocator, requested_mode
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning targets glibc malloc")
 
 _PROBE = """
-import os, sys, torch
-from qlorakit.memory import configure_allocator
+import json, os, resource, torch
+from qlorakit.memory import allocator_mode, block_cache_stats, configure_allocator
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 applied = configure_allocator()
-keep, before = [], rss()
+torch.ones(1 << 20).add_(1)  # warm up torch's own first-call allocations
+keep, before, f0 = [], rss(), faults()
 for i in range(60):  # 3 MB activations freed in between long-lived small tensors, like a training step
     big = torch.ones(3 << 18)
     keep.append(torch.ones(1000))
@@ -31,11 +37,12 @@ for i in range(60):
     big = torch.ones(3 << 18)
     keep.append(torch.ones(1000))
     del big
-print(applied, rss() - before)
+print(json.dumps({"applied": applied, "mode": allocator_mode(), "grown": rss() - before,
+                  "faults": faults() - f0, "stats": block_cache_stats()}))
 """
 
 
-def _run(env: dict[str, str]) -> tuple[str, int]:
+def _run(env: dict[str, str]) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_PROBE)],
         capture_output=True,
@@ -43,22 +50,101 @@ def _run(env: dict[str, str]) -> tuple[str, int]:
         env={**os.environ, **env},
     )
     assert out.returncode == 0, out.stderr
-    applied, grown = out.stdout.split()
-    return applied, int(grown)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @glibc_only
-def test_freed_tensors_leave_the_resident_set():
-    applied, grown = _run({})
-    assert applied == "True"
-    assert grown < 4 << 20, f"RSS grew by {grown / 2**20:.1f} MiB after freeing every large tensor"
+def test_mmap_mode_returns_every_freed_large_tensor():
+    r = _run({"QLORAKIT_MALLOC_TUNING": "mmap"})
+    assert r["applied"] and r["mode"] == "mmap" and r["stats"] is None
+    assert r["grown"] < 4 << 20, f"RSS grew by {r['grown'] / 2**20:.1f} MiB after freeing every large tensor"
+
+
+@glibc_only
+def test_glibc_default_keeps_freed_tensors_resident():
+    """The problem the tuning solves (if glibc changes its policy, this tells us the tuning is moot)."""
+    r = _run({"QLORAKIT_MALLOC_TUNING": "0"})
+    assert not r["applied"] and r["mode"] == "off"
+    assert r["grown"] > 16 << 20
+
+
+@glibc_only
+@pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
+def test_cache_mode_reuses_blocks_instead_of_faulting_fresh_pages():
+    cached = _run({})  # the default
+    mmap = _run({"QLORAKIT_MALLOC_TUNING": "mmap"})
+    assert cached["mode"] == "cache"
+    stats = cached["stats"]
+    # 120 allocations of the same 3 MiB size and one of 32 MiB: one mapping each size, the rest are hits.
+    assert stats["mappings"] <= 4 and stats["hits"] >= 115, stats
+    # mmap mode faults in every page of every 3 MiB tensor (768 pages x 120); the cache only the first time.
+    assert mmap["faults"] > 60_000 and cached["faults"] < mmap["faults"] / 10, (cached, mmap)
+    # What stays resident is bounded by the cache's cap: here the two freed blocks (3 + 32 MiB).
+    assert cached["grown"] < 40 << 20
+    assert stats["cached_bytes"] <= block_cache_bytes()
+
+
+@glibc_only
+@pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
+def test_cache_cap_bounds_the_free_bytes_it_keeps():
+    r = _run({"QLORAKIT_BLOCK_CACHE_MIB": "8"})  # the 32 MiB block cannot stay; a 3 MiB one can
+    assert r["mode"] == "cache"
+    assert r["stats"]["cached_bytes"] <= 8 << 20
+    assert r["grown"] < 12 << 20, f"RSS grew by {r['grown'] / 2**20:.1f} MiB with an 8 MiB cap"
+
+
+@glibc_only
+@pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
+def test_training_computes_the_same_with_every_allocator_mode():
+    """Same losses bit for bit: the allocator changes where tensors live, never what they hold."""
+    code = textwrap.dedent(
+        """
+        import json, torch
+        from qlorakit.memory import configure_allocator
+        configure_allocator()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randn(1024, 512)
+        losses = []
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls use oneDNN's raw allocations
+                loss = (model(x).float() - x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        print(json.dumps(losses))
+        """
+    )
+    results = {}
+    for mode in ("cache", "mmap", "0"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "QLORAKIT_MALLOC_TUNING": mode},
+        )
+        assert out.returncode == 0, out.stderr
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["cache"] == results["mmap"] == results["0"]
+    assert results["cache"][-1] < results["cache"][0]
+
+
+def test_bad_settings_are_named_errors(monkeypatch):
+    monkeypatch.setenv("QLORAKIT_MALLOC_TUNING", "fast")
+    with pytest.raises(ConfigError, match="QLORAKIT_MALLOC_TUNING='fast'.*cache.*mmap"):
+        requested_mode()
+    monkeypatch.setenv("QLORAKIT_BLOCK_CACHE_MIB", "1GiB")
+    with pytest.raises(ConfigError, match="QLORAKIT_BLOCK_CACHE_MIB='1GiB'.*MiB"):
+        block_cache_bytes()
 
 
 @glibc_only
 def test_can_be_turned_off_and_is_idempotent():
-    applied, _ = _run({"QLORAKIT_MALLOC_TUNING": "0"})
-    assert applied == "False"
-    assert configure_allocator() and configure_allocator()
+    r = _run({"QLORAKIT_MALLOC_TUNING": "0"})
+    assert r["applied"] is False
+    assert configure_allocator() == configure_allocator()
 
 
 def test_peak_rss_is_this_programs_own():

@@ -1,13 +1,14 @@
 """The C++ CPU kernels: one shared library compiled on first use, loaded with ctypes.
 
-Sources: `quant/csrc/nf4_cpu.cpp` (4-bit blockwise quantization, bitsandbytes semantics) and
-`lora/csrc/dropout_cpu.cpp` (LoRA dropout masks). They are compiled together with
+Sources: `quant/csrc/nf4_cpu.cpp` (4-bit blockwise quantization, bitsandbytes semantics),
+`lora/csrc/dropout_cpu.cpp` (LoRA dropout masks) and `csrc/block_cache.cpp` (the CPU allocator of
+`qlorakit.memory`). They are compiled together with
 `torch.utils.cpp_extension.load` into `$QLORAKIT_CACHE/ext/<key>` (default `~/.cache/qlorakit/ext/<key>`),
 where the key hashes the sources, the torch and Python versions, the compiler and the CPU flags, so later
-processes load the cached shared object in milliseconds. The sources include only `<ATen/Parallel.h>` (and
-`<c10/util/Half.h>`), which keeps the first compile short, and export plain C functions over raw pointers:
-the Python wrappers (`qlorakit.quant.kernels`, `qlorakit.lora.dropout`) validate every tensor and allocate
-the outputs. Work runs on torch's intra-op thread pool (`at::parallel_for`), so `torch.set_num_threads`
+processes load the cached shared object in milliseconds. The sources include only `<ATen/Parallel.h>`,
+`<c10/util/Half.h>` and c10's allocator headers, which keeps the first compile short, and export plain C
+functions over raw pointers: the Python wrappers (`qlorakit.quant.kernels`, `qlorakit.lora.dropout`,
+`qlorakit.memory`) validate every tensor and allocate the outputs. Work runs on torch's intra-op thread pool (`at::parallel_for`), so `torch.set_num_threads`
 governs it.
 
 Vector paths (AVX-512, AVX2, scalar) are chosen at run time inside the library. If anything fails (no compiler,
@@ -28,10 +29,12 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 _PACKAGE = Path(__file__).parent
-SOURCES = (_PACKAGE / "quant" / "csrc" / "nf4_cpu.cpp", _PACKAGE / "lora" / "csrc" / "dropout_cpu.cpp")
+SOURCES = (
+    _PACKAGE / "quant" / "csrc" / "nf4_cpu.cpp",
+    _PACKAGE / "lora" / "csrc" / "dropout_cpu.cpp",
+    _PACKAGE / "csrc" / "block_cache.cpp",
+)
 
 _P, _I64, _I32, _U64, _U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32
 #: name -> (restype, argtypes) of every exported function.
@@ -41,6 +44,9 @@ _SIGNATURES = {
     "qlk_quantize": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _P, _P, _I64]),
     "qlk_dropout_mask": (ctypes.c_int, [_U64, _I64, _U32, _P, _I64]),
     "qlk_dropout_apply": (ctypes.c_int, [_P, _P, _I64, _I64, _P, _I64]),
+    "qlk_block_cache_install": (ctypes.c_int, [_I64, _I64]),
+    "qlk_block_cache_stats": (ctypes.c_int, [_P]),
+    "qlk_block_cache_trim": (None, []),
 }
 
 _lock = threading.Lock()
@@ -72,6 +78,8 @@ def _compiler_version() -> str:
 
 def build_directory() -> Path:
     """The cache folder of the compiled library for these sources, torch, Python, compiler and CPU."""
+    import torch  # here, not at the top: `qlorakit --help` imports this module (via memory) and stays fast
+
     key = hashlib.sha256()
     parts = [s.read_bytes() for s in SOURCES]
     parts += [torch.__version__.encode(), sys.version.encode(), _compiler_version().encode()]

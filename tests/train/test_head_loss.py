@@ -25,6 +25,8 @@ from qlorakit.train.head_loss import (
 )
 from qlorakit.train.loop import accumulate_gradients, evaluate_loss
 
+pytestmark = pytest.mark.dtype_sensitive
+
 VOCAB = 320
 
 

@@ -14,6 +14,8 @@ from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.loop import TrainingDivergedError, count_label_tokens, token_loss_sum
 from qlorakit.train.metrics import read_records
 
+pytestmark = pytest.mark.dtype_sensitive
+
 
 def test_token_loss_sum_matches_transformers_mean_loss():
     model = tiny_lora_model(dropout=0.0)

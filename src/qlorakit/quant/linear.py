@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 
 import torch
@@ -37,6 +38,12 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+#: Environment override of the CPU detection: "1" treats the CPU as computing bf16 natively, "0" as not.
+#: It changes only what `compute_dtype: auto` resolves to (bf16 vs fp32), never which instructions run, so
+#: one machine can exercise both resolutions (CI runs the dtype-sensitive tests under both).
+CPU_BF16_ENV = "QLORAKIT_CPU_BF16"
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16).
@@ -44,7 +51,17 @@ def cpu_has_native_bf16() -> bool:
     oneDNN reports bf16 "support" on any AVX-512 CPU, but without these instructions it emulates bf16 and a
     bf16 matmul runs ~4x slower than fp32 (measured: 870 ms vs 217 ms for 1024x4096 @ 4096x4096), so the
     instruction flags are what decide. Off Linux, fall back to torch's CPU capability string.
+    `QLORAKIT_CPU_BF16=0|1` overrides the detection (read once per process).
     """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced:
+        raise QuantizationError(
+            f"{CPU_BF16_ENV}={forced!r}: use 1 (native bf16) or 0 (no native bf16), or unset it"
+        )
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             flags = next((line for line in fh if line.startswith("flags")), "").split()

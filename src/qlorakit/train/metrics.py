@@ -143,6 +143,12 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def exact_match_text(hits: int, total: int) -> str:
+    """`"9/24 (37.5%)"`: the count and the share, so a small sample cannot pass for a big effect."""
+    share = 100.0 * hits / total if total else 0.0
+    return f"{hits}/{total} ({share:.1f}%)"
+
+
 def render_summary(s: dict[str, Any]) -> str:
     """The output folder's README.md from the run summary (see recipe.run_training)."""
     lines = [
@@ -155,13 +161,15 @@ def render_summary(s: dict[str, Any]) -> str:
         f"world size {s['world_size']}",
         f"- Final train loss: {_fmt(s['final_train_loss'])}; validation loss: "
         f"{_fmt(s['val_loss_before'])} before -> {_fmt(s['val_loss_after'])} after",
-        f"- Exact match on {s['samples']} held-out examples: {s['exact_before']} before -> {s['exact_after']} after",
+        f"- Exact match on {s['samples']} held-out examples: {exact_match_text(s['exact_before'], s['samples'])} "
+        f"before -> {exact_match_text(s['exact_after'], s['samples'])} after",
         f"- Wall time: {s['wall_time_s']:.1f} s; training throughput {s['tokens_per_s']:.1f} tokens/s; "
         f"peak RSS {s['peak_rss_mib']:.0f} MiB",
         "",
         "Files: adapter (`adapter_config.json`, `adapter_model.safetensors`, PEFT format), tokenizer files, "
-        "`config.yaml` (resolved configuration), `metrics.jsonl` / `metrics.csv`, `loss_curve.png`, "
-        "`checkpoints/`.",
+        "`config.yaml` (resolved configuration), `metrics.jsonl` / `metrics.csv`, "
+        + (f"`{s['loss_curve']}`, " if s.get("loss_curve") else "")
+        + "`checkpoints/`.",
         "",
         "## Held-out generations (greedy)",
     ]
