@@ -240,13 +240,37 @@ def test_bad_arguments_raise_quantization_errors() -> None:
         Linear4bit(q.weight[:-1], q.quant_state)
 
 
-def test_default_compute_dtype_follows_native_bf16_instructions():
+def test_default_compute_dtype_follows_native_bf16_instructions(monkeypatch):
     from pathlib import Path
+
+    from qlorakit.quant.linear import cpu_has_native_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("needs /proc/cpuinfo")
-    flags = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "").split()
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert default_compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
-    assert default_compute_dtype("meta") == torch.float32
+    monkeypatch.delenv("QLORAKIT_CPU_BF16", raising=False)
+    cpu_has_native_bf16.cache_clear()
+    try:
+        flags = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "").split()
+        native = "avx512_bf16" in flags or "amx_bf16" in flags
+        assert default_compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+        assert default_compute_dtype("meta") == torch.float32
+    finally:
+        cpu_has_native_bf16.cache_clear()  # later tests see this process's own environment again
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", torch.bfloat16), ("0", torch.float32)])
+def test_cpu_bf16_override_decides_what_auto_resolves_to(monkeypatch, value, expected):
+    from qlorakit.quant.linear import cpu_has_native_bf16
+
+    monkeypatch.setenv("QLORAKIT_CPU_BF16", value)
+    cpu_has_native_bf16.cache_clear()
+    try:
+        assert default_compute_dtype("cpu") == expected
+        monkeypatch.setenv("QLORAKIT_CPU_BF16", "maybe")
+        cpu_has_native_bf16.cache_clear()
+        with pytest.raises(QuantizationError, match="QLORAKIT_CPU_BF16='maybe'.*use 1.*or 0"):
+            cpu_has_native_bf16()
+    finally:
+        monkeypatch.undo()
+        cpu_has_native_bf16.cache_clear()
