@@ -26,6 +26,7 @@ from qlorakit.compare import (
     write_report,
 )
 from qlorakit.errors import CheckpointError
+from qlorakit.outputs import write_marker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -280,6 +281,9 @@ def test_cli_rejects_clashing_overrides_and_existing_runs(tmp_path, capsys):
     assert "train.lr" in capsys.readouterr().err
     (tmp_path / "c" / "lora16").mkdir(parents=True)
     (tmp_path / "c" / "lora16" / "metrics.jsonl").write_text("")
+    assert main(["compare", str(config), "--out", str(tmp_path / "c")]) == 2
+    assert "did not write (lora16)" in capsys.readouterr().err  # not a compare folder: never written into
+    write_marker(tmp_path / "c", "compare", ["lora16"])  # as an earlier compare leaves it
     assert main(["compare", str(config), "--out", str(tmp_path / "c")]) == 2
     assert "--report-only" in capsys.readouterr().err
 

@@ -3,6 +3,11 @@
 Files are written to a temporary sibling, flushed and fsynced, then renamed over the target
 (rename is atomic on POSIX within one filesystem). Folders are built in a temporary sibling and
 renamed into place as a whole.
+
+Every temporary is named `.<target>.qlorakit-<pid>-<random>.tmp`: hidden, tied to its target, and
+carrying the writer's process id, so a later run can tell a temporary left by a killed writer (its
+process is gone) from one still being written, and never mistakes a user's file for one
+(`stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +27,65 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.qlorakit-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+
+
+def temp_prefix(name: str) -> str:
+    """The start of every temporary name of target `name` written by this process."""
+    return f".{name}.qlorakit-{os.getpid()}-"
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A new empty folder `parent/.<name>.qlorakit-<pid>-<random>.tmp` with the usual permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the finished folder gets the usual permissions
+    return tmp
+
+
+def is_temporary(name: str) -> bool:
+    """True for a name qlorakit gives its temporaries (see the module doc)."""
+    return _TEMP.match(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def stale_temporaries(parent: Path, name: str | None = None) -> list[Path]:
+    """Temporaries in `parent` whose writer is gone: those of target `name` (and of `name.*`, e.g. a
+    merge's dense folder beside its output), or all of them when `name` is None."""
+    if not parent.is_dir():
+        return []
+    found = []
+    for entry in parent.iterdir():
+        match = _TEMP.match(entry.name)
+        if match is None:
+            continue
+        if name is not None and not (match["name"] == name or match["name"].startswith(f"{name}.")):
+            continue
+        if not _alive(int(match["pid"])):
+            found.append(entry)
+    return sorted(found)
+
+
+def remove_paths(paths: list[Path]) -> None:
+    """Delete files and folders (each may already be gone)."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,7 +102,7 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Open `path` for binary writing; the file appears (renamed from a temp sibling) only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -85,8 +150,7 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = True) -> 
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the finished folder gets the usual permissions
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         yield tmp
         for child in tmp.rglob("*"):
@@ -96,9 +160,13 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = True) -> 
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} already exists")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = make_temp_dir(target.parent, target.name)  # an empty folder a folder can be renamed over
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous folder back: nothing is lost
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)

@@ -54,8 +54,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _interrupted(exc: BaseException | None) -> bool:
+    """True when a Ctrl-C is anywhere in the exception's chain: a library that fails while the
+    KeyboardInterrupt unwinds through it (a closed file, a half-built object) must not hide it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _run(argv: list[str]) -> int:
     first = argv[0] if argv and not argv[0].startswith("-") else None
     if first is None and not argv:
         argv = ["train"]  # `qlorakit` alone runs the embedded default demo, like `qlorakit train`
@@ -77,8 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     except QLoraKitError as exc:
         print(f"qlorakit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    name = "train"
+    try:  # everything inside: a Ctrl-C at any point is the clean exit 130, never a traceback
+        argv = list(sys.argv[1:] if argv is None else argv)
+        name = next((a for a in argv if not a.startswith("-")), name)
+        return _run(argv)
     except KeyboardInterrupt:
-        print(f"qlorakit {args.command}: interrupted", file=sys.stderr)
+        print(f"qlorakit {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _interrupted(exc):
+            raise
+        print(f"qlorakit {name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -8,6 +8,7 @@ at once in a single `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,6 +113,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/qlorakit-default"
+    overwrite: bool = False
+    """Write into an output.dir that holds files qlorakit train did not write (files with train's names are
+    replaced). Never allowed for a folder holding the model or the data."""
     tensorboard: bool = True
     """Also log to TensorBoard when the `tensorboard` package is installed."""
     plot: bool = True
@@ -214,19 +218,51 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
         return cls()
 
 
+def lora_regex_problems(lo: LoRAConfig) -> list[str]:
+    """LoRA keys read as regular expressions that do not compile (named with the regex error)."""
+    patterns: list[tuple[str, str]] = []
+    if isinstance(lo.target_modules, str) and lo.target_modules != "all-linear":
+        patterns.append(("lora.target_modules", lo.target_modules))
+    if isinstance(lo.exclude_modules, str):  # a PEFT adapter_config may carry a regex here
+        patterns.append(("lora.exclude_modules", lo.exclude_modules))
+    patterns += [(f"lora.rank_pattern.{k}", k) for k in lo.rank_pattern]
+    patterns += [(f"lora.alpha_pattern.{k}", k) for k in lo.alpha_pattern]
+    errs = []
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            errs.append(
+                f"{key}: {pattern!r} is not a valid regular expression ({exc}); escape special characters "
+                "such as [ ( . with a backslash, or give target_modules as a list of module names"
+            )
+    return errs
+
+
+def _lora_problems(lo: LoRAConfig) -> list[str]:
+    errs = []
+    if lo.r <= 0:
+        errs.append(f"lora.r: must be a positive integer, got {lo.r}")
+    if not lo.alpha > 0:  # also catches NaN
+        errs.append(f"lora.alpha: must be > 0 (the update is scaled by alpha / r), got {lo.alpha}")
+    for name, alpha in lo.alpha_pattern.items():
+        if not alpha > 0:
+            errs.append(f"lora.alpha_pattern.{name}: must be > 0, got {alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        errs.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    for name, rank in lo.rank_pattern.items():
+        if rank <= 0:
+            errs.append(f"lora.rank_pattern.{name}: must be a positive integer, got {rank}")
+    return errs + lora_regex_problems(lo)
+
+
 def _check_rules(cfg: Config) -> list[str]:
     """Cross-field rules and value ranges that types cannot express."""
     errs: list[str] = []
     q, lo, d, t = cfg.quant, cfg.lora, cfg.data, cfg.train
     if not (32 <= q.blocksize <= 4096 and q.blocksize & (q.blocksize - 1) == 0):
         errs.append(f"quant.blocksize: must be a power of two in 32..4096, got {q.blocksize}")
-    if lo.r <= 0:
-        errs.append(f"lora.r: must be a positive integer, got {lo.r}")
-    if not 0.0 <= lo.dropout < 1.0:
-        errs.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
-    for name, rank in lo.rank_pattern.items():
-        if rank <= 0:
-            errs.append(f"lora.rank_pattern.{name}: must be a positive integer, got {rank}")
+    errs.extend(_lora_problems(lo))
     if not d.datasets:
         errs.append("data.datasets: needs at least one dataset")
     for i, spec in enumerate(d.datasets):
@@ -332,9 +368,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            raise ConfigError(
+                f"{p}: the file is empty (no settings); write the sections you need (model, data, train, "
+                "...), or leave the file out: `qlorakit train` alone runs the built-in demo, and "
+                "--section.key=value overrides work without a file"
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model, quant, lora, ...)")
-        data = loaded or {}
+        data = loaded
     return config_from_dict(data, overrides, source=source)
 
 

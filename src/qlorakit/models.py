@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qlorakit.atomic import atomic_directory, atomic_write_json
-from qlorakit.errors import CheckpointError, ModelError
+from qlorakit.errors import CheckpointError, ModelError, QLoraKitError
+from qlorakit.model_shape import ModelShape
 
 if TYPE_CHECKING:
     from qlorakit.config import QuantConfig
@@ -95,6 +96,7 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
                 f"model folder {path} has no config.json; a Hugging Face model folder (config.json + "
                 "model.safetensors + tokenizer files) or a .gguf file is expected"
             )
+        read_model_config(path)
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -107,6 +109,15 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
         f"model {text!r} not found: it is not a built-in name ({names}), nor an existing folder with "
         "config.json, nor an existing .gguf file"
     )
+
+
+def estimated_bytes(spec: str | os.PathLike[str], bytes_per_param: float) -> int | None:
+    """About how many bytes the weights of `spec` take at `bytes_per_param` (from its config alone),
+    for the free-space check before writing an output; None when the shape cannot be read."""
+    try:
+        return int(ModelShape.from_config(os.fspath(spec)).num_params() * bytes_per_param)
+    except (QLoraKitError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _source_fingerprint(path: Path) -> dict[str, Any]:
@@ -203,12 +214,26 @@ def convert_gguf(gguf_path: str | os.PathLike[str], *, name: str | None = None) 
     return target
 
 
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """`folder/config.json` as a dict; ModelError when it is unreadable, not JSON or not a JSON object."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of model settings; restore the "
+            "model's config.json (transformers' save_pretrained writes one)"
+        )
+    return config
+
+
 def is_quantized_folder(folder: Path) -> bool:
     """True when `folder/config.json` declares a bitsandbytes 4-bit quantization_config."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{folder / 'config.json'} is not valid JSON: {exc}") from exc
+    config = read_model_config(folder)
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         return False
@@ -243,6 +268,10 @@ def _load_full_precision(
             model = load_quantizing(folder, quantize, dtype)  # None: keys need transformers' loading
             if model is not None:
                 return model
+        if not trust_remote_code and _has_safetensors(folder):
+            from qlorakit.quant.loading import check_checkpoint_shapes
+
+            check_checkpoint_shapes(folder)  # a named tensor, not transformers' size-mismatch report
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code
         )

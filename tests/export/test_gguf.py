@@ -202,7 +202,9 @@ def test_bad_inputs_raise_format_errors(tiny_model_dir, tmp_path):
         json.dumps({"model": {"type": "Unigram"}, "pre_tokenizer": None})
     )
     with pytest.raises(FormatError, match="byte-level BPE"):
-        export_gguf(tiny_model_dir, target)
+        export_gguf(
+            tiny_model_dir, target, overwrite=True
+        )  # "previous" is not ours: replacing it needs overwrite
     assert target.read_bytes() == b"previous"
     assert list(target.parent.iterdir()) == [target]
 
@@ -223,12 +225,12 @@ def test_failure_while_streaming_tensors_leaves_no_partial_file(tiny_model_dir, 
 
     monkeypatch.setattr(gguf_export, "_convert", failing_convert)
     with pytest.raises(OSError, match="disk full"):
-        export_gguf(tiny_model_dir, target, dtype="f16")
+        export_gguf(tiny_model_dir, target, dtype="f16", overwrite=True)
     assert len(calls) == 4
     assert target.read_bytes() == b"previous"
     assert list(target.parent.iterdir()) == [target]
     monkeypatch.setattr(gguf_export, "_convert", convert)
-    export_gguf(tiny_model_dir, target, dtype="f16")  # a later export replaces the file whole
+    export_gguf(tiny_model_dir, target, dtype="f16", overwrite=True)  # a later export replaces the file whole
     assert GGUFReader(str(target)).fields["general.architecture"].contents() == "llama"
     assert list(target.parent.iterdir()) == [target]
 

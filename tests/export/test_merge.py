@@ -13,6 +13,7 @@ from conftest import make_tiny_llama
 from qlorakit.config import LoRAConfig, QuantConfig
 from qlorakit.errors import CheckpointError, ConfigError, FormatError
 from qlorakit.export.merge import merge_adapter, merge_lora_weight, sample_inputs
+from qlorakit.outputs import OutputError
 
 FP32 = QuantConfig(compute_dtype="float32")
 
@@ -192,7 +193,7 @@ def test_bad_arguments(tmp_path, tiny_model_dir):
         merge_adapter(tiny_model_dir, adapter, tmp_path / "m", base="fp8")
     with pytest.raises(ConfigError, match="bf16, fp16, fp32, nf4"):
         merge_adapter(tiny_model_dir, adapter, tmp_path / "m", to="int8")
-    with pytest.raises(ConfigError, match="overwrite the model"):
+    with pytest.raises(OutputError, match="would overwrite the input"):
         merge_adapter(tiny_model_dir, adapter, tiny_model_dir)
     with pytest.raises(ConfigError, match="max shard size"):
         merge_adapter(tiny_model_dir, adapter, tmp_path / "m", max_shard_size="lots")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.errors import ConfigError, QLoraKitError
+from qlorakit.outputs import OutputPlan, check_output, claim_folder
 
 # (folder name, report label, quant.enabled)
 RUNS = (("lora16", "16-bit LoRA", False), ("qlora", "QLoRA", True))
@@ -28,7 +29,7 @@ class CompareRunError(QLoraKitError):
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "compare",
-        usage="qlorakit compare [-h] [--out DIR] [--report-only] CONFIG.yaml [--section.key=value ...]",
+        usage="qlorakit compare [-h] [--out DIR] [--report-only] [--overwrite] CONFIG.yaml [--section.key=value ...]",
         help="train 16-bit LoRA and QLoRA on the same config and report memory, speed and loss",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -41,6 +42,12 @@ def register(subparsers: Any) -> None:
         "--report-only",
         action="store_true",
         help="do not train: rebuild the report from the runs already in --out",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds files qlorakit compare did not write "
+        "(never one holding the config, the model or the data)",
     )
     parser.set_defaults(func=run, overrides=[])
 
@@ -59,8 +66,8 @@ def train_command(config: str, overrides: list[str], quant: bool, out_dir: Path)
     ]
 
 
-def _check(config: str, overrides: list[str], out: Path | None) -> Path:
-    """Validate the config and overrides for both runs before any training; returns the output folder."""
+def _check(config: str, overrides: list[str], out: Path | None, overwrite: bool) -> OutputPlan:
+    """Validate the config, the overrides for both runs and the output folder before any training."""
     from qlorakit.config import load_config
 
     clashes = [o for o in overrides if o.startswith(_RESERVED)]
@@ -72,7 +79,9 @@ def _check(config: str, overrides: list[str], out: Path | None) -> Path:
     cfg = load_config(config, overrides)
     for _, _, quant in RUNS:
         load_config(config, [*overrides, f"--quant.enabled={'true' if quant else 'false'}"])
-    return out if out is not None else Path(f"{cfg.output.dir}-compare")
+    inputs = [config, cfg.model.name, cfg.data.val_path, *(spec.path for spec in cfg.data.datasets)]
+    target = out if out is not None else Path(f"{cfg.output.dir}-compare")
+    return check_output(target, command="compare", mode="update", inputs=inputs, overwrite=overwrite)
 
 
 def _run_one(command: list[str], label: str) -> None:
@@ -102,10 +111,11 @@ def _auto_dtype() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.compare import conclusion, read_run, require_matplotlib, write_report
+    from qlorakit.compare import PLOTS, REPORT, conclusion, read_run, require_matplotlib, write_report
 
     overrides = list(args.overrides)
-    out = _check(args.config, overrides, Path(args.out) if args.out else None)
+    plan = _check(args.config, overrides, Path(args.out) if args.out else None, args.overwrite)
+    out = plan.path
     folders = {name: out / name for name, _, _ in RUNS}
     commands = {
         label: train_command(args.config, overrides, quant, folders[name]) for name, label, quant in RUNS
@@ -118,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
                     f"{folders[name]} already holds a run; choose another --out, delete that folder, or "
                     "pass --report-only to rebuild the report from the runs there"
                 )
+    if not args.report_only or out.is_dir():  # (--report-only without the folder fails reading the runs)
+        claim_folder(plan, [*folders, REPORT, *PLOTS.values()])
+    if not args.report_only:
         for _, label, _ in RUNS:
             _run_one(commands[label], label)
     report = write_report(

@@ -72,6 +72,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def run(args: argparse.Namespace) -> int:
     from qlorakit.estimate import METHODS, ModelShape, advise, estimate_memory, format_bytes, parse_size
 
+    budget = None if args.budget is None else parse_size(args.budget)  # every argument before any output
     shape = ModelShape.from_config(args.model)
     methods = METHODS if args.method == "all" else (args.method,)
     targets = (
@@ -119,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "\n(Peak RSS counts clean pages of the mapped checkpoint file; the kernel can drop those, so only "
         "'Must fit in RAM' has to fit.)"
     )
-    if args.budget is not None:
-        budget = parse_size(args.budget)
+    if budget is not None:
         advice = advise(shape, budget, seq=args.seq, methods=methods, **common)
         print(f"\nWithin {format_bytes(budget)}:")
         for m in advice.methods:

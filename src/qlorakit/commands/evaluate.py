@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep the base in 16 bits (default: 4-bit NF4)",
     )
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if qlorakit eval did not write it (never the model, adapter or data)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         data_format=args.data_format,
         out=args.out,
+        overwrite=args.overwrite,
     )
     print(
         f"evaluated {report.rows} rows of {report.data}"

@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", default=None, help="gguf: f16|bf16|q8_0|f32 (f16); hf: bf16|fp16|fp32 (bf16)"
     )
     parser.add_argument("--max-shard-size", default="2GB", help="hf: largest safetensors shard")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if qlorakit export did not write it (never the input or a folder above it)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -52,7 +57,7 @@ def check_export_args(model: str, fmt: str, dtype: str | None) -> str | None:
     return dtype
 
 
-def export_gguf_checked(model: str, out: Path, dtype: str) -> Path:
+def export_gguf_checked(model: str, out: Path, dtype: str, overwrite: bool = False) -> Path:
     """Export a 16-bit HF folder to GGUF, pointing 4-bit and non-folder inputs to the right command."""
     from qlorakit.errors import ConfigError
     from qlorakit.export.gguf import export_gguf
@@ -68,25 +73,20 @@ def export_gguf_checked(model: str, out: Path, dtype: str) -> Path:
             f"{source} holds 4-bit weights; GGUF export needs 16-bit weights: run "
             f"`qlorakit export {model} --format hf --out DENSE_DIR` (or `qlorakit merge` for an adapter) first"
         )
-    return export_gguf(source, out, dtype=dtype)
+    return export_gguf(source, out, dtype=dtype, overwrite=overwrite).path
 
 
-def export_bnb4(model: str, out: Path) -> None:
-    """Quantize (or re-save) a model as a 4-bit folder; `save_quantized` writes it atomically."""
+def export_bnb4(model: str, out: Path, overwrite: bool = False) -> None:
+    """Quantize (or re-save) a model as a 4-bit folder; the output is checked before the model is read."""
     from qlorakit.eval.generation import load_base
+    from qlorakit.models import estimated_bytes
+    from qlorakit.outputs import check_output
     from qlorakit.quant.convert import save_quantized
 
+    need = estimated_bytes(model, 0.5)
+    plan = check_output(out, command="export bnb4", inputs=[model], overwrite=overwrite, need_bytes=need)
     quantized, tokenizer = load_base(model, four_bit=True)
-    save_quantized(quantized, tokenizer, out)
-
-
-def check_output(model: str, out: Path) -> None:
-    """Refuse an output path that is, or contains, the input (it would be replaced while being read)."""
-    from qlorakit.errors import ConfigError
-
-    source = Path(model).resolve()
-    if Path(model).exists() and source in (out.resolve(), *out.resolve().parents):
-        raise ConfigError(f"--out {out} would overwrite the input {model}; choose another path")
+    save_quantized(quantized, tokenizer, out, plan=plan)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,14 +94,15 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = check_export_args(args.model, args.format, args.dtype)
     out = Path(args.out)
-    check_output(args.model, out)
     if args.format == "gguf":
-        export_gguf_checked(args.model, out, dtype)
+        export_gguf_checked(args.model, out, dtype, overwrite=args.overwrite)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {dtype})")
     elif args.format == "hf":
-        report = export_hf(args.model, out, dtype=dtype, max_shard_size=args.max_shard_size)
+        report = export_hf(
+            args.model, out, dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        )
         print(f"wrote {out}: {', '.join(report.files)} ({report.total_size / 2**20:.1f} MiB, {dtype})")
     else:
-        export_bnb4(args.model, out)
+        export_bnb4(args.model, out, overwrite=args.overwrite)
         print(f"wrote {out} (4-bit NF4 with double quantization; loads with transformers + bitsandbytes)")
     return 0

@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="dtype of the merged weights; nf4 re-quantizes the merged model (changes its outputs)",
     )
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if qlorakit merge did not write it (never the model's or the adapter's folder)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -50,7 +55,13 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="re-quantizing")  # printed above and in the report
         report = merge_adapter(
-            args.model, args.adapter, args.out, base=args.base, to=args.to, max_shard_size=args.max_shard_size
+            args.model,
+            args.adapter,
+            args.out,
+            base=args.base,
+            to=args.to,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
         )
     print(report.summary())
     return 0

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from qlorakit.errors import ConfigError
+from qlorakit.models import estimated_bytes
+from qlorakit.outputs import OutputError, OutputPlan, check_output
 
 COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -35,6 +37,7 @@ class QuantizeArgs:
     max_length: int
     max_shard_size: str
     overwrite: bool
+    plan: OutputPlan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,7 +92,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-length", type=int, default=256, help="perplexity window in tokens (default: 256)"
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if qlorakit did not write it (never the input model or a folder above it)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -102,24 +109,20 @@ def parse_args(args: argparse.Namespace) -> QuantizeArgs:
     if args.max_length < 2:
         problems.append(f"--max-length {args.max_length} must be at least 2")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        problems.append(f"--out {out} is a file; give a folder path")
-    elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        problems.append(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    model_path = Path(args.model).expanduser()
-    if (
-        model_path.exists()
-        and out.exists()
-        and out.resolve() in (model_path.resolve(), *model_path.resolve().parents)
-    ):
-        problems.append(
-            f"--out {out} would replace the model {args.model} while it is read; choose another folder"
+    plan = None
+    try:  # the output rule of qlorakit.outputs, before anything is loaded
+        need = estimated_bytes(args.model, 0.5)  # 4 bits per weight; a lower bound, so never a false alarm
+        plan = check_output(
+            out, command="quantize", inputs=[args.model], overwrite=args.overwrite, need_bytes=need
         )
-    if problems:
+    except OutputError as exc:
+        problems.append(str(exc))
+    if problems or plan is None:
         raise ConfigError("qlorakit quantize: " + "; ".join(problems))
     return QuantizeArgs(
         model=args.model,
         out=out,
+        plan=plan,
         quant_type=args.quant_type,
         blocksize=b,
         double_quant=args.double_quant,
@@ -160,7 +163,7 @@ def quantize_command(opts: QuantizeArgs) -> str:
         compute_dtype=opts.compute_dtype,
     )
     after = perplexity(model, tokenizer, text, max_length=opts.max_length) if opts.perplexity else None
-    save_quantized(model, tokenizer, opts.out, max_shard_size=opts.max_shard_size)
+    save_quantized(model, tokenizer, opts.out, max_shard_size=opts.max_shard_size, plan=opts.plan)
     lines = [
         f"Loaded {opts.model} ({source}) in {load_seconds:.1f} s",
         format_report(

@@ -56,7 +56,7 @@ def config_help() -> str:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train",
-        usage="qlorakit train [-h] [--resume] [CONFIG.yaml] [--section.key=value ...]",
+        usage="qlorakit train [-h] [--resume] [--overwrite] [CONFIG.yaml] [--section.key=value ...]",
         help="fine-tune a LoRA adapter on a 4-bit base (QLoRA)",
         description=__doc__,
         epilog=config_help(),
@@ -68,6 +68,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="continue from the newest valid checkpoint (= --train.resume=auto)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an output.dir that holds files qlorakit train did not write "
+        "(= --output.overwrite=true; never a folder holding the model or the data)",
+    )
     parser.set_defaults(func=run, overrides=[])
 
 
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("--train.resume=auto")
+    if args.overwrite:
+        overrides.append("--output.overwrite=true")
     cfg = load_config(args.config, overrides)
     outcome = run_training(cfg)
     if outcome.stop_reason == "signal" and outcome.signal is not None:

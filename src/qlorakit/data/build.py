@@ -45,6 +45,10 @@ class DatasetStats:
     """Rows whose tokenizer merged across a prompt/response boundary (labels from character offsets)."""
     mixed_rows: int = 0
     """Training examples this dataset contributes after weighting."""
+    skipped_rows: tuple[str, ...] = ()
+    """`file:line (problem)` of the first skipped rows."""
+    longest: int = 0
+    """Tokens of the longest rendered row (before truncation)."""
 
 
 @dataclass
@@ -74,6 +78,11 @@ class DataStats:
                 f"{name:<40} {d.format:<8} {d.weight:>6g} {d.read:>6} {d.skipped:>7} {d.train_rows:>6} "
                 f"{d.val_rows:>5} {d.truncated:>6} {d.dropped:>7} {d.mixed_rows:>6}"
             )
+        for d in self.datasets:
+            if d.skipped:
+                more = d.skipped - len(d.skipped_rows)
+                shown = "; ".join(d.skipped_rows) + (f"; and {more} more" if more > 0 else "")
+                lines.append(f"skipped {d.skipped} invalid row(s) of {d.path}: {shown}")
         packing = f" (packed from {self.packed_from} examples)" if self.packed_from is not None else ""
         lines.append(
             f"template {self.template}; train: {self.train_examples} rows{packing}, {self.train_tokens} tokens, "
@@ -152,6 +161,7 @@ def _render_all(
         )
         kept = apply_length_policy(example, cfg.max_length, cfg.truncation)
         if stats is not None:
+            stats.longest = max(stats.longest, info.length)
             stats.retokenized += info.retokenized
             stats.truncated += kept is not None and info.length > cfg.max_length
             stats.dropped += kept is None
@@ -180,6 +190,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, *, seed: int) -> DataBundle:
         loaded = _load(spec, cfg, f"data.datasets[{i}]")
         name = BUILTIN if spec.path == BUILTIN else loaded.path
         ds = DatasetStats(name, loaded.format, spec.weight, len(loaded.records), loaded.skipped)
+        ds.skipped_rows = loaded.skipped_rows
         stats.datasets.append(ds)
         records = _limit(loaded.records, cfg.max_rows, seed, i)
         train_recs, val_recs = (records, []) if cfg.val_path else _split(records, cfg.val_ratio, seed, i)
@@ -196,14 +207,12 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, *, seed: int) -> DataBundle:
         val_stats = DatasetStats(
             f"{loaded.path} (val)", loaded.format, 0.0, len(loaded.records), loaded.skipped
         )
+        val_stats.skipped_rows = loaded.skipped_rows
         stats.datasets.append(val_stats)
         val_pairs = _render_all(loaded.records, tokenizer, cfg, val_stats)
         val_stats.val_rows = len(val_pairs)
     if not mixed:
-        raise DataError(
-            f"no training examples are left after rendering (all rows dropped at data.max_length="
-            f"{cfg.max_length}); raise data.max_length or use data.truncation: truncate"
-        )
+        raise _nothing_left(cfg, max(d.longest for d in stats.datasets))
     _rng(seed, "shuffle").shuffle(mixed)
     train = mixed
     if cfg.packing:
@@ -211,6 +220,21 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, *, seed: int) -> DataBundle:
         train = pack_examples(mixed, cfg.max_length)
     _fill_totals(stats, train, [ex for ex, _ in val_pairs])
     return DataBundle(train, [ex for ex, _ in val_pairs], [rec for _, rec in val_pairs], stats)
+
+
+def _nothing_left(cfg: DataConfig, longest: int) -> DataError:
+    """Why every training row was dropped, with the fix that applies to the truncation policy in use."""
+    if cfg.truncation == "drop":
+        return DataError(
+            f"no training examples are left: every row is longer than data.max_length={cfg.max_length} "
+            f"tokens (the longest has {longest}) and data.truncation is drop; raise data.max_length or set "
+            "data.truncation: truncate"
+        )
+    return DataError(
+        f"no training examples are left: in every row the prompt alone fills data.max_length={cfg.max_length} "
+        f"tokens (the longest row has {longest}), so truncation leaves no response token to train on; raise "
+        "data.max_length or shorten the prompts"
+    )
 
 
 def _fill_totals(stats: DataStats, train: list[Example], val: list[Example]) -> None:

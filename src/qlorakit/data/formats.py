@@ -63,6 +63,11 @@ class LoadResult:
     path: str
     format: str = "auto"
     """The format the rows were read as (after auto-detection)."""
+    skipped_rows: tuple[str, ...] = ()
+    """`file:line (problem)` of the first skipped rows (at most `SKIPPED_SHOWN`)."""
+
+
+SKIPPED_SHOWN = 5
 
 
 class _RowError(Exception):
@@ -297,7 +302,7 @@ def load_records(spec: DatasetSpec, *, skip_invalid: bool = False) -> LoadResult
     rows, implied = _raw_rows(path, spec.format)
     fmt = implied or spec.format
     records: list[Record] = []
-    skipped = 0
+    skipped: list[str] = []
     for source, row in rows:
         try:
             if isinstance(row, _RowError):
@@ -319,5 +324,5 @@ def load_records(spec: DatasetSpec, *, skip_invalid: bool = False) -> LoadResult
         except _RowError as err:
             if not skip_invalid:
                 raise _fail(source, err.problem, err.fix) from None
-            skipped += 1
-    return LoadResult(records, skipped, str(path), fmt)
+            skipped.append(f"{source} ({err.problem})")
+    return LoadResult(records, len(skipped), str(path), fmt, tuple(skipped[:SKIPPED_SHOWN]))

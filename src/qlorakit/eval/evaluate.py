@@ -9,6 +9,7 @@ adapters disabled (same model in memory, no reload).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from torch import nn
 from qlorakit.config import QuantConfig
 from qlorakit.errors import ConfigError, DataError
 from qlorakit.eval.generation import GenerationSettings, generate_ids
+from qlorakit.outputs import check_output, json_signature, output_file
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure maths
@@ -204,12 +206,14 @@ def evaluate(
     data_format: str = "auto",
     out: str | Path | None = None,
     quant: QuantConfig | None = None,
+    overwrite: bool = False,
 ) -> EvalReport:
     """Evaluate `model_spec` (+ `adapter`) on `data`; write the report as JSON to `out` (atomically).
 
     The 4-bit base is built with `quant`, by default the settings saved with the adapter by training.
+    `out` follows the output rule of `qlorakit.outputs`, checked before the model is loaded: it replaces
+    only a report eval wrote, or any file with `overwrite`; never an input.
     """
-    from qlorakit.atomic import atomic_write_json
     from qlorakit.data import render_record
     from qlorakit.eval.generation import adapter_quant_config, load_base
     from qlorakit.lora.inject import disable_adapters
@@ -219,6 +223,16 @@ def evaluate(
         raise ConfigError("--compare-base needs an --adapter to compare the base with")
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     records, skipped = load_eval_records(data, fmt=data_format, limit=limit)  # fail before loading a model
+    plan = None
+    if out is not None:
+        plan = check_output(
+            out,
+            command="eval",
+            kind="file",
+            inputs=[model_spec, adapter, data],
+            overwrite=overwrite,
+            suffix=".json",
+        )
     quant = quant or (adapter_quant_config(adapter) if adapter is not None else None)
     model, tokenizer = load_base(model_spec, four_bit=four_bit, quant=quant)
     if adapter is not None:
@@ -250,6 +264,8 @@ def evaluate(
         skipped + len(records) - len(kept),
         results,
     )
-    if out is not None:
-        atomic_write_json(out, report.to_dict())
+    if plan is not None:
+        text = json.dumps({**json_signature("eval"), **report.to_dict()}, indent=2) + "\n"
+        with output_file(plan) as fh:
+            fh.write(text.encode("utf-8"))
     return report

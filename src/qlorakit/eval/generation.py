@@ -12,6 +12,8 @@ name, and switches adapter per request: nothing is reloaded between requests.
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,8 +43,8 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -87,6 +89,28 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
+def token_budget(model: nn.Module, prompt_tokens: int, requested: int) -> int:
+    """`requested` new tokens, capped (with a note on stderr) so prompt + answer fit the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(context, int) or context <= 0:
+        return requested
+    room = context - prompt_tokens
+    if room <= 0:
+        raise ConfigError(
+            f"the prompt has {prompt_tokens} tokens, which fills the model's whole context of {context} "
+            "tokens; shorten it"
+        )
+    if requested > room:
+        print(
+            f"qlorakit: note: max_new_tokens {requested} goes past the model's context of {context} tokens; "
+            f"generating at most {room} (the context minus the {prompt_tokens}-token prompt)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return room
+    return requested
+
+
 @torch.no_grad()
 def generate_ids(
     model: nn.Module,
@@ -104,7 +128,7 @@ def generate_ids(
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     kwargs: dict[str, Any] = {
-        "max_new_tokens": settings.max_new_tokens,
+        "max_new_tokens": token_budget(model, ids.shape[1], settings.max_new_tokens),
         "eos_token_id": eos or None,
         "pad_token_id": pad,
         "do_sample": not settings.greedy,

@@ -12,7 +12,8 @@ What makes the file llama.cpp's:
 
 Tensors are streamed one at a time from the safetensors files: the header and tensor table are written
 from shapes alone, then each tensor is read, converted and appended. The file is written beside the
-target and renamed into place (`atomic_open`), so a failed export leaves any earlier file untouched.
+target and renamed into place (`qlorakit.outputs.output_file`), so a failed export leaves any earlier file
+untouched; the key `qlorakit.output` marks the file as this command's, the only kind it replaces unasked.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlorakit.atomic import atomic_open
 from qlorakit.errors import FormatError
+from qlorakit.models import estimated_bytes
+from qlorakit.outputs import GGUF_SIGNATURE, check_output, output_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 DTYPES = ("f16", "bf16", "q8_0", "f32")
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # gguf.LlamaFileType
+_PARAM_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + one f16 scale
+COMMAND = "export gguf"
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -340,10 +344,14 @@ def _tensors(plans: list[_Plan], cfg: dict[str, Any]) -> Iterator[tuple[_Plan, A
             yield plan, handles[plan.file].get_tensor(plan.hf_name)
 
 
-def export_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f16") -> GGUFSummary:
+def export_gguf(
+    model_dir: str | Path, out_file: str | Path, *, dtype: str = "f16", overwrite: bool = False
+) -> GGUFSummary:
     """Write the Llama folder `model_dir` (config.json, safetensors, tokenizer.json) as the GGUF `out_file`.
 
     `dtype`: f16 (default), bf16, q8_0 or f32 for the 2-D weights; norms and 1-D tensors are f32.
+    `out_file` follows the output rule of `qlorakit.outputs`: it replaces only a GGUF this command wrote
+    (its `qlorakit.output` key), or any file with `overwrite`; never a folder or the input.
     """
     import gguf
     from gguf.gguf_writer import WriterState
@@ -352,11 +360,22 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f1
     model_dir, out_file = Path(model_dir), Path(out_file)
     if dtype not in DTYPES:
         raise FormatError(f"unknown GGUF dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    need = estimated_bytes(model_dir, _PARAM_BYTES[dtype])
+    target = check_output(
+        out_file,
+        command=COMMAND,
+        kind="file",
+        inputs=[model_dir],
+        overwrite=overwrite,
+        need_bytes=need,
+        suffix=".gguf",
+    )
     cfg = _read_config(model_dir)
     n_vocab = int(cfg["vocab_size"])
     plans = _plan(model_dir, cfg, dtype)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_metadata(writer, cfg, model_dir, dtype, n_vocab)
+    writer.add_string(GGUF_SIGNATURE, COMMAND)  # lets a later export recognise the file as its own
     _add_tokenizer(writer, model_dir, n_vocab)
     for plan in plans:
         np_dtype, np_shape, nbytes = _tensor_bytes(plan)
@@ -366,16 +385,16 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f1
             else plan.qtype
         )
         writer.add_tensor_info(plan.gguf_name, np_shape, np_dtype, nbytes, raw_dtype=raw)
-    with atomic_open(out_file) as fh:
+    with output_file(target) as fh:
         # The writer streams into our handle (what its open_output_file does with a path of its own), so
-        # the file appears only once every tensor is written; atomic_open flushes, fsyncs and closes it.
+        # the file appears only once every tensor is written; output_file flushes, fsyncs and closes it.
         writer.fout, writer.state = [fh], WriterState.EMPTY
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for plan, tensor in _tensors(plans, cfg):
             writer.write_tensor_data(_convert(plan, cfg, tensor))
-        writer.fout = None  # the handle belongs to atomic_open
+        writer.fout = None  # the handle belongs to output_file
     return _summary(plans, out_file, dtype, n_vocab, time.perf_counter() - start)
 
 

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from qlorakit.errors import ConfigError, ModelError
+from qlorakit.models import estimated_bytes
+from qlorakit.outputs import check_output, output_folder
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """Output dtypes of a dense export, by their command-line names."""
@@ -172,7 +174,7 @@ def write_hf_files(
     """Write a loadable HF model folder into `folder` (an existing, usually temporary, folder).
 
     `tensors` is consumed lazily: each tensor may be freed by its producer once it has been added.
-    Callers make the folder atomic with `qlorakit.atomic.atomic_directory`.
+    Callers make the folder atomic with `qlorakit.outputs.output_folder`.
     """
     writer = ShardWriter(folder, parse_size(max_shard_size), dtype)
     for name, tensor in tensors:
@@ -319,20 +321,26 @@ def export_hf(
     *,
     dtype: str = "bf16",
     max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
 ) -> HFExportReport:
     """Write any model qlorakit loads (HF folder, 4-bit folder, .gguf) as a plain 16-bit HF folder.
 
-    4-bit weights are dequantized one layer at a time while they are written.
+    4-bit weights are dequantized one layer at a time while they are written. `out_dir` follows the
+    output rule of `qlorakit.outputs` (checked before the model is loaded; `overwrite` replaces a folder
+    qlorakit did not write, never the input).
     """
-    from qlorakit.atomic import atomic_directory
     from qlorakit.config import QuantConfig
     from qlorakit.export.merge import load_for_export
 
     torch_dtype = parse_dtype(dtype)
     parse_size(max_shard_size)
+    need = estimated_bytes(model_spec, torch.finfo(torch_dtype).bits / 8)
+    plan = check_output(
+        out_dir, command="export hf", inputs=[model_spec], overwrite=overwrite, need_bytes=need
+    )
     # Full precision in memory whatever the device prefers: the only rounding is the final cast.
     model, tokenizer = load_for_export(model_spec, quant=QuantConfig(compute_dtype="float32"))
-    with atomic_directory(out_dir) as tmp:
+    with output_folder(plan) as tmp:
         summary = write_hf_files(
             tmp,
             dense_tensors(model),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlorakit.atomic import make_temp_dir
 from qlorakit.config import QuantConfig
 from qlorakit.errors import CheckpointError, ConfigError
+from qlorakit.outputs import OutputPlan, check_output, output_folder
 
 BASES = ("nf4", "original")
 TARGETS = ("bf16", "fp16", "fp32", "nf4")
@@ -180,9 +181,16 @@ def _check_merge_args(base: str, to: str, max_shard_size: int | str) -> None:
     parse_size(max_shard_size)
 
 
-def _check_paths(model_spec: str | Path, adapter_dir: Path, out_dir: Path, base: str) -> None:
+# Bytes per parameter of the merged output; nf4 also writes the fp32 merge beside it first.
+_OUT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "nf4": 4.5}
+
+
+def _check_paths(
+    model_spec: str | Path, adapter_dir: Path, out_dir: Path, base: str, to: str, overwrite: bool
+) -> OutputPlan:
+    """Adapter, model and output checks, before anything is loaded; the output's plan."""
     from qlorakit.lora.peft_format import read_adapter_config
-    from qlorakit.models import is_quantized_folder, resolve_model_path
+    from qlorakit.models import estimated_bytes, is_quantized_folder, resolve_model_path
 
     read_adapter_config(adapter_dir)  # a missing or broken adapter fails before the model is loaded
     source = resolve_model_path(model_spec)
@@ -191,12 +199,10 @@ def _check_paths(model_spec: str | Path, adapter_dir: Path, out_dir: Path, base:
             f"{source} is stored in 4 bits, so it has no original 16-bit weights to merge into; "
             "use --base nf4, or give the original (16-bit) model"
         )
-    out = out_dir.resolve()
-    for name, path in (("model", Path(model_spec)), ("adapter", adapter_dir)):
-        if path.exists() and path.resolve() in (out, *out.parents):
-            raise ConfigError(
-                f"--out {out_dir} would overwrite the {name} folder {path}; choose another folder"
-            )
+    need = estimated_bytes(model_spec, _OUT_BYTES[to])
+    return check_output(
+        out_dir, command="merge", inputs=[model_spec, adapter_dir], overwrite=overwrite, need_bytes=need
+    )
 
 
 def _load_adapted(model_spec: str | Path, adapter_dir: Path, *, four_bit: bool, quant: QuantConfig):
@@ -272,21 +278,22 @@ def merge_adapter(
     to: str = "bf16",
     max_shard_size: int | str = "2GB",
     quant: QuantConfig | None = None,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Merge the adapter into `base` weights and write a plain HF folder (or a 4-bit one for `to="nf4"`).
 
-    The output folder appears whole at the end or not at all. `quant` describes the 4-bit base the
-    adapter was trained against (default: the `config.yaml` that training saved beside the adapter,
-    else NF4, blocksize 64, double quantization).
+    The output folder appears whole at the end or not at all, under the output rule of
+    `qlorakit.outputs` (`overwrite` replaces a folder qlorakit did not write; the model's and the adapter's
+    folders never). `quant` describes the 4-bit base the adapter was trained against (default: the
+    `config.yaml` that training saved beside the adapter, else NF4, blocksize 64, double quantization).
     """
-    from qlorakit.atomic import atomic_directory
     from qlorakit.eval.generation import adapter_quant_config
     from qlorakit.export.hf import dense_tensors, parse_dtype, write_hf_files
     from qlorakit.lora.inject import lora_layers
 
     _check_merge_args(base, to, max_shard_size)
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    _check_paths(model_spec, adapter_dir, out_dir, base)
+    plan = _check_paths(model_spec, adapter_dir, out_dir, base, to, overwrite)
     quant = quant or adapter_quant_config(adapter_dir) or QuantConfig()
     model, tokenizer = _load_adapted(model_spec, adapter_dir, four_bit=base == "nf4", quant=quant)
     merged_layers = len(lora_layers(model))
@@ -297,8 +304,8 @@ def merge_adapter(
     config, generation_config = model.config, model.generation_config
     dense_dtype = torch.float32 if to == "nf4" else parse_dtype(to)
     notes: list[str] = []
-    with atomic_directory(out_dir) as tmp:
-        dense_dir = tmp if to != "nf4" else Path(tempfile.mkdtemp(prefix=".merge-dense.", dir=out_dir.parent))
+    with output_folder(plan) as tmp:
+        dense_dir = tmp if to != "nf4" else make_temp_dir(out_dir.parent, f"{out_dir.name}.dense")
         try:
             meter = RssMeter()
             summary = write_hf_files(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qlorakit.config import LoRAConfig
+from qlorakit.config import LoRAConfig, lora_regex_problems
 from qlorakit.errors import ConfigError, ModelError
 from qlorakit.lora.layer import LoRALinear, linear4bit_class
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
@@ -103,6 +103,9 @@ def _linear_suffixes(model: nn.Module) -> list[str]:
 
 def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Module paths `cfg` targets, in model order (PEFT's matching rules); raises on no match or bad types."""
+    problems = lora_regex_problems(cfg)  # an adapter_config.json can carry them too, not only a YAML file
+    if problems:
+        raise ConfigError("; ".join(problems))
     targets = cfg.target_modules
     head = output_head_path(model)
     if isinstance(targets, str) and targets != ALL_LINEAR and cfg.layers_to_transform is not None:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qlorakit.atomic import atomic_directory, atomic_write_text
+from qlorakit.atomic import atomic_write_text
 from qlorakit.errors import FormatError, ModelError, QuantizationError
+from qlorakit.outputs import OutputPlan, check_output, output_folder
 from qlorakit.quant.blockwise import bits_per_parameter
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype
 from qlorakit.quant.report import LayerReport, QuantizeReport, weight_error
@@ -263,12 +264,19 @@ def _single(values: set[Any], what: str) -> Any:
 
 
 def save_quantized(
-    model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike[str], *, max_shard_size: int | str = "5GB"
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    plan: OutputPlan | None = None,
 ) -> Path:
     """Write `model` (after quantize_model) and `tokenizer` (or None) as a bitsandbytes 4-bit HF folder.
 
     The folder (config.json with quantization_config, model.safetensors or shards + index,
-    generation_config.json, tokenizer files) appears atomically. Returns its path.
+    generation_config.json, tokenizer files) appears atomically. Returns its path. `out_dir` follows the
+    output rule of `qlorakit.outputs`; a command that checked it before its work passes that `plan`.
     """
     from transformers import PreTrainedModel
 
@@ -287,7 +295,8 @@ def save_quantized(
         skip_modules=_skip_modules_entry(model),
     )
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    plan = plan or check_output(out, command="quantize", overwrite=overwrite)
+    with output_folder(plan) as tmp:
         model.save_pretrained(tmp, state_dict=_checkpoint_state_dict(model), max_shard_size=max_shard_size)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config["quantization_config"] = qconfig

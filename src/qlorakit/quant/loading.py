@@ -110,6 +110,10 @@ class _Reader:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    def header(self, path: Path) -> dict[str, Any]:
+        """The JSON header of one file (tensor name -> dtype, shape, offsets)."""
+        return self._file(path)[2]
+
     def _file(self, path: Path) -> tuple[Any, int, dict[str, Any]]:
         if path not in self._open:
             fh = self._stack.enter_context(open(path, "rb"))  # noqa: SIM115 (closed by the stack)
@@ -145,16 +149,52 @@ class _Reader:
         return self._mapped[path].get_tensor(key)
 
 
+# Keys that exist only for a 4-bit weight: any one of them marks `P.weight` as 4-bit, so a folder that lost
+# one key (say the quant_state) is reported as missing that key, not as holding unexpected ones.
+_4BIT_SUFFIXES = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map")
+
+
 def _quantized_prefixes(keys: Sequence[str]) -> list[str]:
-    """ "P." for every `P.weight.quant_state.bitsandbytes__<type>` key."""
-    return sorted(k[: k.index(STATE_KEY_MARK) + 1] for k in keys if STATE_KEY_MARK in k)
+    """ "P." for every 4-bit weight: a `P.weight.quant_state.bitsandbytes__<type>` key or its companions."""
+    found = {k[: k.index(STATE_KEY_MARK) + 1] for k in keys if STATE_KEY_MARK in k}
+    for key in keys:
+        for suffix in _4BIT_SUFFIXES:
+            if key.endswith(suffix):
+                found.add(key[: -len(suffix) + 1])
+    return sorted(found)
+
+
+def _check_shapes(model: nn.Module, reader: _Reader, keys: Sequence[str]) -> None:
+    """CheckpointError naming the first tensor whose stored shape is not the one the model's config needs."""
+    state = model.state_dict()  # parameters on the meta device: shapes only
+    for key in keys:
+        if key not in state:
+            continue
+        path = reader.files[key]
+        entry = reader.header(path).get(key)
+        stored = list(entry.get("shape", [])) if isinstance(entry, dict) else None
+        if stored is not None and stored != list(state[key].shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {stored}, but the model built from config.json needs "
+                f"{list(state[key].shape)}; the weights do not match config.json (re-save the model, or "
+                "restore the config.json that belongs to these weights)"
+            )
+
+
+def check_checkpoint_shapes(folder: str | os.PathLike[str]) -> None:
+    """Compare every tensor of a full-precision safetensors folder with the shapes its config.json implies
+    (headers only, no weights read); CheckpointError naming the first mismatch."""
+    folder = Path(folder)
+    files = _checkpoint_files(folder)
+    model = _build_skeleton(folder)
+    with _Reader(files) as reader:
+        _check_shapes(model, reader, sorted(files))
 
 
 def _swap_in_4bit(model: nn.Module, prefix: str, reader: _Reader, compute_dtype: torch.dtype) -> None:
     conv1d = _conv1d_class()
     name = prefix[:-1]
-    state_key = next(k for k in reader.files if k.startswith(f"{prefix}weight.quant_state."))
-    source = str(reader.files[state_key])
+    source = str(reader.files[next(k for k in reader.files if k.startswith(f"{prefix}weight."))])
     try:
         module = model.get_submodule(name)
     except AttributeError as exc:
@@ -259,6 +299,7 @@ def load_quantized(
         for prefix in prefixes:
             _swap_in_4bit(model, prefix, reader, compute_dtype)
         keys = _check_keys(model, files, prefixes, folder)
+        _check_shapes(model, reader, keys)
         rest = {}
         for key in keys:
             t = reader.get(key)
@@ -305,6 +346,7 @@ def load_quantizing(
     )
     conv1d = _conv1d_class()
     with _Reader(files) as reader:
+        _check_shapes(model, reader, keys)
         quantized, _ = select_layers(model, tuple(quant.skip))
         for name in quantized:
             for attr in ("weight", "bias"):
@@ -319,4 +361,4 @@ def load_quantizing(
     return _finish(model, folder)
 
 
-__all__ = ["load_quantized", "load_quantizing"]
+__all__ = ["check_checkpoint_shapes", "load_quantized", "load_quantizing"]

@@ -195,6 +195,18 @@ def save_checkpoint(
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """The manifest of a complete, intact checkpoint; CheckpointError saying what is wrong otherwise."""
     manifest_path = path / MANIFEST
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such folder; set train.resume to a checkpoint folder such as "
+            "OUTPUT_DIR/checkpoints/step-000020, or to auto (the newest one in output.dir)"
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder (OUTPUT_DIR/checkpoints/step-N)")
+    if not manifest_path.is_file() and list_checkpoints(path / "checkpoints"):
+        raise CheckpointError(
+            f"{path} is a training output folder, not a checkpoint; set train.resume to one of its "
+            f"checkpoints ({path / 'checkpoints'}/step-N), or use --resume with output.dir={path}"
+        )
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST} (the checkpoint was not finished writing)")
     try:
@@ -281,12 +293,50 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
     return stale
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume when the run-defining settings differ (names every differing key)."""
+# Training settings a resume compares with the checkpoint's (saved under "train" in its run settings).
+TRAIN_KEYS = (
+    "optim", "weight_decay", "lr", "schedule", "warmup_steps", "batch_size", "grad_accum", "max_grad_norm",
+    "max_steps", "epochs",
+)  # fmt: skip
+_STATE_KEYS = ("optim", "weight_decay")
+"""Carried by the optimizer state itself: a new value could not take effect, so a change is refused."""
+_DECAY_KEYS = ("max_steps", "epochs")
+"""They set the total number of steps, which only a decaying schedule (linear, cosine) depends on."""
+
+
+def _changed_training(saved: dict[str, Any], current: dict[str, Any], path: Path) -> list[str]:
+    """Refuse changes the optimizer state cannot honour; describe the others (they break exactness)."""
+    if not isinstance(saved, dict):
+        return []  # a checkpoint from before training settings were recorded: nothing to compare
+    changed = [k for k in TRAIN_KEYS if k in saved and k in current and saved[k] != current[k]]
+    refused = [k for k in changed if k in _STATE_KEYS]
+    if refused:
+        listed = ", ".join(f"train.{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in refused)
+        raise CheckpointError(
+            f"{path}: cannot resume with a changed {listed}: the saved optimizer state carries its own "
+            "value, so the new one could not take effect; restore it, or start a new run in another output.dir"
+        )
+    decays = saved.get("schedule") != "constant" or current.get("schedule") != "constant"
+    changed = [k for k in changed if k not in _DECAY_KEYS or decays]
+    if not changed:
+        return []
+    listed = "; ".join(f"train.{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
+    return [
+        f"resuming with changed training settings ({listed}): they apply from the checkpoint's step on, so "
+        "this run is no longer identical to an uninterrupted run with either the old or the new settings"
+    ]
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> list[str]:
+    """Refuse to resume when the run-defining settings differ (names every differing key).
+
+    Training settings (`current["train"]`) are compared too: a changed optimizer or weight decay is
+    refused, any other change is allowed and returned as a note saying the resume is no longer exact.
+    """
     diffs = [
         f"{key}: checkpoint {json.dumps(saved.get(key))} vs now {json.dumps(current[key])}"
         for key in current
-        if saved.get(key) != current[key]
+        if key != "train" and saved.get(key) != current[key]
     ]
     if diffs:
         listed = "\n  - ".join(diffs)
@@ -294,3 +344,4 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
             f"{path}: cannot resume, the run settings changed:\n  - {listed}\n"
             "restore those settings, or start a new run in another output.dir"
         )
+    return _changed_training(saved.get("train"), current.get("train") or {}, path)

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qlorakit.atomic import atomic_write_json, atomic_write_text
+from qlorakit.atomic import atomic_write_json, atomic_write_text, make_temp_dir
 from qlorakit.config import Config, config_to_dict
 from qlorakit.errors import CheckpointError, ConfigError
+from qlorakit.outputs import OutputPlan, add_own_names, check_output, claim_folder
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.distributed import (
     DistContext,
@@ -39,7 +39,15 @@ from qlorakit.train.loop import (
     restore_training_state,
     train_loop,
 )
-from qlorakit.train.metrics import PLOT, MetricsWriter, peak_rss_mib, plot_loss_curve, render_summary
+from qlorakit.train.metrics import (
+    CSV,
+    JSONL,
+    PLOT,
+    MetricsWriter,
+    peak_rss_mib,
+    plot_loss_curve,
+    render_summary,
+)
 from qlorakit.train.optim import build_optimizer, check_optimizer, total_steps, trainable_named_parameters
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -67,7 +75,30 @@ def run_settings(cfg: Config) -> dict[str, Any]:
         "lora": config_to_dict(cfg.lora),
         "data": config_to_dict(cfg.data),
         "seed": cfg.train.seed,
+        "train": {key: getattr(cfg.train, key) for key in ckpt.TRAIN_KEYS},  # compared with notes
     }
+
+
+TRAIN_OUTPUTS = (
+    "adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md", "summary.json", JSONL, CSV,
+    PLOT, "checkpoints", "best", "tensorboard",
+)  # fmt: skip
+"""What train writes into output.dir (besides the tokenizer files), recorded in its output marker."""
+
+
+def check_output_dir(cfg: Config) -> OutputPlan:
+    """output.dir under the output rule of `qlorakit.outputs`: new, empty, or a train folder (else
+    output.overwrite), never an input's folder, writable; checked before the model is loaded."""
+    inputs = [cfg.model.name, cfg.data.val_path, *(spec.path for spec in cfg.data.datasets)]
+    return check_output(
+        cfg.output.dir,
+        command="train",
+        mode="update",
+        inputs=inputs,
+        overwrite=cfg.output.overwrite,
+        label="output.dir",
+        switch="output.overwrite=true (or --overwrite)",
+    )
 
 
 def find_resume_checkpoint(cfg: Config, root: Path, world_size: int, notes: list[str]) -> Path | None:
@@ -89,7 +120,7 @@ def find_resume_checkpoint(cfg: Config, root: Path, world_size: int, notes: list
         path = Path(resume)
         ckpt.verify_checkpoint(path)
     saved = json.loads((path / "trainer_state.json").read_text())
-    ckpt.check_compatible(saved["run"], run_settings(cfg), path)
+    notes.extend(ckpt.check_compatible(saved["run"], run_settings(cfg), path))
     if saved["world_size"] != world_size:
         raise CheckpointError(
             f"{path}: saved by {saved['world_size']} process(es), resumed with {world_size}; resume with "
@@ -157,17 +188,21 @@ def held_out_records(records: list[Any], n: int) -> list[Any]:
     return [r for r in records if reference_answer(r) is not None][:n]
 
 
-def save_tokenizer(tokenizer: Any, out: Path) -> None:
-    """Tokenizer files into `out`, each renamed into place (no half-written file is ever visible)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=out))
+def save_tokenizer(tokenizer: Any, out: Path) -> list[str]:
+    """Tokenizer files into `out`, each renamed into place (no half-written file is ever visible) and
+    listed in train's output marker; returns their names."""
+    tmp = make_temp_dir(out, "tokenizer")
     try:
         tokenizer.save_pretrained(tmp)
+        names = sorted(file.name for file in tmp.iterdir())
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(file, out / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    add_own_names(out, "train", names)
+    return names
 
 
 def _save_best_adapter(model: nn.Module, cfg: Config, state: LoopState, root: Path, out: Path) -> Path | None:
@@ -230,6 +265,7 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     started = time.perf_counter()
     out, notes = Path(cfg.output.dir), []
     root = out / "checkpoints"
+    plan = check_output_dir(cfg)
     check_datasets(cfg.data)
     check_optimizer(cfg.train.optim)
     resume_from = find_resume_checkpoint(cfg, root, ctx.world_size, notes)
@@ -250,6 +286,8 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     optimizer = build_optimizer((p for _, p in trainable_named_parameters(model)), cfg.train)
     state, loaded = _start_state(resume_from, model, optimizer, cfg, ctx)
     steps = total_steps(cfg.train, len(data.train), ctx.world_size)
+    if ctx.is_main:
+        claim_folder(plan, TRAIN_OUTPUTS)  # from here on the folder is this run's (and its resumes')
     metrics = MetricsWriter(
         out,
         active=ctx.is_main,

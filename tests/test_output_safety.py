@@ -1,0 +1,506 @@
+"""Nothing the user owns is ever lost: the one output rule (`qlorakit.outputs`) through every writer.
+
+The writer cases run the real CLI (`qlorakit.cli.main`) on a tiny model in a temporary folder, snapshot
+the bytes of every file there before and after, and assert the rule: either the command refused with exit
+status 2 and nothing changed anywhere, or it succeeded and changed nothing but its own target, which was
+new, empty, its own earlier output, or named with --overwrite (and never an input nor a folder above one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from qlorakit.atomic import is_temporary, make_temp_dir
+from qlorakit.cli import main
+from qlorakit.outputs import (
+    MARKER,
+    OutputError,
+    check_output,
+    output_file,
+    output_folder,
+    own_file_command,
+    read_marker,
+)
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _mount_tmpfs(root: Path, options: str) -> bool:
+    if shutil.which("mount") is None:
+        return False
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(root)]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def read_only_dir(tmp_path_factory):
+    """A folder nobody can write in, even root: a read-only tmpfs mount, else an immutable folder (chattr
+    +i), else (not root) chmod 555. Root writes through permission bits, so chmod alone proves nothing."""
+    root = tmp_path_factory.mktemp("read-only")
+    if os.geteuid() != 0:
+        root.chmod(0o555)
+        yield root
+        root.chmod(0o755)
+    elif _mount_tmpfs(root, "ro,size=64k"):
+        yield root
+        subprocess.run(["umount", str(root)], check=True)
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(root)]).returncode == 0:
+        yield root
+        subprocess.run(["chattr", "-i", str(root)], check=True)
+    else:
+        pytest.skip("root without mount or chattr privileges: no folder here is read-only to root")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mount a tmpfs of a chosen size (root only: an unprivileged user cannot make a full disk)."""
+    mounted = []
+
+    def make(size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a small file system needs a tmpfs mount, which needs root")
+        root = tmp_path / f"disk{len(mounted)}"
+        root.mkdir()
+        if not _mount_tmpfs(root, f"size={size}"):
+            pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
+        mounted.append(root)
+        return root
+
+    yield make
+    for root in mounted:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file's bytes (folders as None) under `root`, by relative path."""
+    out: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        out[str(path.relative_to(root))] = None if path.is_dir() else path.read_bytes()
+    return out
+
+
+def temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if is_temporary(p.name)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rule on plain folders (no model): what each kind of target gets
+
+
+def test_new_empty_and_own_folders_are_written_foreign_ones_refused(tmp_path):
+    with output_folder(check_output(tmp_path / "new", command="demo")) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert read_marker(tmp_path / "new") == {"written_by": "qlorakit", "command": "demo", "files": ["a.txt"]}
+    (tmp_path / "empty").mkdir()
+    with output_folder(check_output(tmp_path / "empty", command="demo")) as tmp:
+        (tmp / "b.txt").write_text("2")
+    with output_folder(check_output(tmp_path / "new", command="demo")) as tmp:  # its own: replaced whole
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [MARKER, "c.txt"]
+    (tmp_path / "new" / "mine.txt").write_text("the user's")  # the user added a file: no longer ours alone
+    with pytest.raises(OutputError, match=r"did not write \(mine.txt\).*--overwrite"):
+        check_output(tmp_path / "new", command="demo")
+    with pytest.raises(OutputError, match="did not write"):  # another command's folder is not ours
+        check_output(tmp_path / "empty", command="other")
+    assert check_output(tmp_path / "new", command="demo", overwrite=True).overwrite
+
+
+def test_a_folder_filled_in_place_tolerates_the_users_files_once_it_is_ours(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"notes.txt.*to write into it"):
+        check_output(folder, command="train", mode="update")
+    from qlorakit.outputs import claim_folder
+
+    claim_folder(check_output(folder, command="train", mode="update", overwrite=True), ["metrics.jsonl"])
+    check_output(folder, command="train", mode="update")  # now it is train's: resumes write into it
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_inputs_and_folders_above_them_are_never_targets(tmp_path):
+    model = tmp_path / "project" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    for target, how in ((model, "is"), (tmp_path / "project", "contains"), (tmp_path, "contains")):
+        with pytest.raises(OutputError, match=f"{how} the input .*even with --overwrite"):
+            check_output(target, command="demo", inputs=[model], overwrite=True)
+    with pytest.raises(OutputError, match="is part of the input"):  # replacing a file of the input
+        check_output(model / "config.json", command="demo", kind="file", inputs=[model], overwrite=True)
+    check_output(model / "model.gguf", command="demo", kind="file", inputs=[model])  # a new file beside it
+    check_output(tmp_path / "elsewhere", command="demo", inputs=[model, None, "builtin", "smollm2-135m"])
+
+
+def test_files_and_folders_never_replace_each_other(tmp_path):
+    (tmp_path / "file.bin").write_bytes(b"x")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OutputError, match="is a file and demo writes a folder"):
+        check_output(tmp_path / "file.bin", command="demo", overwrite=True)
+    with pytest.raises(OutputError, match=r"is a folder and demo writes a file.*dir/output.gguf"):
+        check_output(tmp_path / "dir", command="demo", kind="file", overwrite=True, suffix=".gguf")
+    with pytest.raises(OutputError, match="file.bin is a file, not a folder"):
+        check_output(tmp_path / "file.bin" / "sub" / "out", command="demo")
+
+
+def test_own_files_are_recognised_by_their_signature(tmp_path):
+    from qlorakit.outputs import json_signature
+
+    target = tmp_path / "report.json"
+    target.write_text(json.dumps({"results": []}))
+    with pytest.raises(OutputError, match="was not written by qlorakit demo"):
+        check_output(target, command="demo", kind="file")
+    with output_file(check_output(target, command="demo", kind="file", overwrite=True)) as fh:
+        fh.write(json.dumps({**json_signature("demo"), "results": []}).encode())
+    assert own_file_command(target) == "demo"
+    check_output(target, command="demo", kind="file")  # its own file: replaced without asking
+    with pytest.raises(OutputError):
+        check_output(target, command="other", kind="file")
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    """A writer SIGKILLed mid-write leaves `.out.qlorakit-PID-*.tmp`; the next check of `out` removes it."""
+    code = (
+        "import os, signal, sys; from pathlib import Path; from qlorakit.atomic import make_temp_dir\n"
+        "tmp = make_temp_dir(Path(sys.argv[1]), 'out'); (tmp / 'model.safetensors').write_bytes(b'half')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=ENV)
+    assert proc.returncode == -signal.SIGKILL
+    (stale,) = temporaries(tmp_path)
+    live = make_temp_dir(tmp_path, "out")  # this process's own temporary: its writer is alive
+    (tmp_path / ".out.backup.tmp").mkdir()  # the user's hidden folder: not our naming
+    (tmp_path / ".other.qlorakit-1-abc.tmp").mkdir()  # a temporary of another target
+    check_output(tmp_path / "out", command="demo")
+    assert not stale.exists()
+    assert live.exists() and (tmp_path / ".out.backup.tmp").exists()
+    assert (tmp_path / ".other.qlorakit-1-abc.tmp").exists()
+
+
+def test_a_read_only_location_is_refused_before_any_work(read_only_dir):
+    with pytest.raises(OutputError, match="cannot write in"):
+        check_output(read_only_dir / "out", command="demo")
+    with pytest.raises(OutputError, match="cannot write in"):
+        check_output(read_only_dir / "a" / "b.gguf", command="demo", kind="file")
+
+
+def test_a_full_disk_while_writing_is_a_named_error_with_the_size_needed(small_disk):
+    disk = small_disk(64 * 1024)
+    plan = check_output(disk / "out", command="demo")  # no estimate: the check cannot know
+    message = r"disk filled up .*nothing was written under that name"
+    with pytest.raises(OutputError, match=message), output_folder(plan) as tmp:
+        (tmp / "weights.bin").write_bytes(os.urandom(1 << 20))
+    assert list(disk.iterdir()) == []
+    with pytest.raises(OutputError, match=r"needs about 1.0 MiB but only .* is free"):
+        check_output(disk / "out", command="demo", need_bytes=1 << 20)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every writer x every kind of target, through the real CLI
+
+
+@dataclass
+class Sandbox:
+    root: Path
+    project: Path
+    model: Path
+    adapter: Path
+    data: Path
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """A tiny Llama folder, a LoRA adapter for it and a tiny Alpaca file, built once."""
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.config import LoRAConfig
+    from qlorakit.lora import inject_lora, save_adapter
+
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
+    inject_lora(model, cfg, seed=1)
+    save_adapter(model, root / "adapter", cfg, base_model_name_or_path=str(root / "model"))
+    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["fox", "dog"] * 4]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_sandbox(root: Path, assets: Path) -> Sandbox:
+    project = root / "project"
+    for name in ("model", "adapter"):
+        shutil.copytree(assets / name, project / name)
+    adapter_config = json.loads((project / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(project / "model")
+    (project / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    shutil.copy(assets / "data.jsonl", project / "data.jsonl")
+    cfg = {
+        "model": {"name": str(project / "model")},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"datasets": [{"path": str(project / "data.jsonl")}], "max_length": 32, "val_ratio": 0.25},
+        "train": {"max_steps": 1, "batch_size": 2, "eval_every": 50, "save_every": 50, "num_threads": 1},
+        "output": {"dir": str(root / "unused"), "samples": 1, "plot": False, "tensorboard": False},
+    }
+    (project / "train.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "existing_empty").mkdir()
+    (root / "existing_full" / "sub").mkdir(parents=True)
+    (root / "existing_full" / "notes.txt").write_text("the user's notes")
+    (root / "existing_full" / "sub" / "keep.bin").write_bytes(os.urandom(64))
+    for name in ("existing.bin", "existing.gguf", "existing.json"):
+        (root / name).write_bytes(b"the user's own file")
+    return Sandbox(
+        root, project, project / "model", project / "adapter", project / "data.jsonl", project / "train.yaml"
+    )
+
+
+def writer_argv(writer: str, sb: Sandbox, out: Path) -> list[str]:
+    model, target = str(sb.model), str(out)
+    return {
+        "train": ["train", str(sb.config), f"--output.dir={target}", "--resume"],
+        "quantize": ["quantize", model, "--out", target, "--no-perplexity"],
+        "merge": ["merge", model, "--adapter", str(sb.adapter), "--out", target],
+        "export hf": ["export", model, "--format", "hf", "--out", target],
+        "export gguf": ["export", model, "--format", "gguf", "--out", target],
+        "export bnb4": ["export", model, "--format", "bnb4", "--out", target],
+        "eval": [
+            "eval",
+            model,
+            "--data",
+            str(sb.data),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            target,
+        ],
+        "compare": ["compare", str(sb.config), "--out", target, "--train.max_steps=1"],
+    }[writer]
+
+
+FILE_WRITERS = {"export gguf": ".gguf", "eval": ".json"}
+WRITERS = ("train", "quantize", "merge", "export hf", "export gguf", "export bnb4", "eval", "compare")
+TARGETS = ("new", "empty", "non-empty", "input", "input-parent", "file", "below-file", "read-only", "own")
+
+
+def target_path(target: str, writer: str, sb: Sandbox, read_only: Path) -> Path:
+    suffix = FILE_WRITERS.get(writer, "")
+    return {
+        "new": sb.root / "outputs" / f"result{suffix}",
+        "empty": sb.root / "existing_empty",
+        "non-empty": sb.root / "existing_full",
+        "input": sb.data if writer == "eval" else sb.model,
+        "input-parent": sb.project,
+        "file": sb.root / f"existing{suffix or '.bin'}",
+        "below-file": sb.root / "existing.bin" / f"result{suffix}",
+        "read-only": read_only / f"result{suffix}",
+        "own": sb.root / f"own{suffix}",
+    }[target]
+
+
+def expected_status(writer: str, target: str, overwrite: bool) -> int:
+    """The rule, as a table: 0 where the writer may write, 2 where it must refuse."""
+    file_writer = writer in FILE_WRITERS
+    if target == "new":
+        return 0
+    if target == "empty":
+        return 2 if file_writer else 0  # a folder is never replaced by a file
+    if target == "non-empty":
+        return 0 if overwrite and not file_writer else 2
+    if target == "file":
+        return 0 if overwrite and file_writer else 2  # a file is never replaced by a folder
+    if target == "own":
+        return 2 if writer == "compare" else 0  # compare also refuses to train over finished runs
+    return 2  # an input, a folder above one, a path below a file, a read-only location: never
+
+
+def make_own_output(writer: str, sb: Sandbox, out: Path, capsys) -> None:
+    """The writer's earlier output at `out` (compare: the folder an earlier compare leaves, without training)."""
+    if writer == "compare":
+        from qlorakit.outputs import write_marker
+
+        (out / "lora16").mkdir(parents=True)
+        (out / "lora16" / "metrics.jsonl").write_text("")
+        write_marker(out, "compare", ["lora16", "qlora", "report.md"])
+        return
+    assert main(writer_argv(writer, sb, out)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+
+def _slow_case(writer: str, target: str, overwrite: bool) -> bool:
+    return writer == "compare" and expected_status(writer, target, overwrite) == 0  # two trainings
+
+
+CASES = [
+    pytest.param(w, t, o, id=f"{w.replace(' ', '-')}-{t}{'-overwrite' if o else ''}",
+                 marks=[pytest.mark.slow] if _slow_case(w, t, o) else [])
+    for w in WRITERS for t in TARGETS for o in (False, True)
+    if not (o and t in ("new", "empty", "own", "below-file", "read-only"))
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("writer", "target", "overwrite"), CASES)
+def test_every_writer_obeys_the_output_rule(
+    writer, target, overwrite, tmp_path, assets, read_only_dir, capsys
+):
+    sb = make_sandbox(tmp_path, assets)
+    out = target_path(target, writer, sb, read_only_dir)
+    if target == "own":
+        make_own_output(writer, sb, out, capsys)
+    before = snapshot(tmp_path)
+    argv = writer_argv(writer, sb, out) + (["--overwrite"] if overwrite else [])
+    status = main(argv)
+    err = capsys.readouterr().err
+    after = snapshot(tmp_path)
+    assert status == expected_status(writer, target, overwrite), err
+    assert "Traceback" not in err
+    assert temporaries(tmp_path) == []
+    if status == 2:
+        assert f"qlorakit {argv[0]}: error:" in err
+        assert after == before  # refused: nothing written, nothing removed, anywhere
+        return
+    inside = str(out.relative_to(tmp_path))
+    untouched = {k: v for k, v in before.items() if k != inside and not k.startswith(inside + os.sep)}
+    assert {k: after.get(k) for k in untouched} == untouched  # only the target changed
+    if writer in FILE_WRITERS:
+        assert own_file_command(out) == writer
+    else:
+        assert read_marker(out)["command"] == writer
+    if target == "non-empty" and writer in ("train", "compare"):  # filled in place: the user's files stay
+        assert after["existing_full/notes.txt"] == before["existing_full/notes.txt"]
+        assert after["existing_full/sub/keep.bin"] == before["existing_full/sub/keep.bin"]
+
+
+def test_train_never_overwrites_the_users_readme_and_config(tmp_path, assets, capsys):
+    """The reported case: output.dir holding the user's own README.md and config.yaml."""
+    sb = make_sandbox(tmp_path, assets)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my project")
+    (out / "config.yaml").write_text("my: settings\n")
+    before = snapshot(tmp_path)
+    assert main(["train", str(sb.config), f"--output.dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "README.md, config.yaml" in err and "output.overwrite=true" in err
+    assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Before the work, and after a full disk or a Ctrl-C
+
+
+def test_too_little_free_space_is_refused_before_loading(tmp_path, assets, small_disk, capsys):
+    sb = make_sandbox(tmp_path, assets)
+    disk = small_disk(64 * 1024)
+    assert main(["export", str(sb.model), "--format", "hf", "--out", str(disk / "dense")]) == 2
+    assert "needs about 224.6 KiB but only 64.0 KiB is free" in capsys.readouterr().err
+    assert list(disk.iterdir()) == []
+
+
+def test_disk_full_during_a_gguf_export_names_the_size_needed(tmp_path, assets, small_disk, capsys):
+    from qlorakit.models import estimated_bytes
+
+    sb = make_sandbox(tmp_path, assets)
+    assert main(["export", str(sb.model), "--format", "gguf", "--out", str(tmp_path / "probe.gguf")]) == 0
+    actual, need = (tmp_path / "probe.gguf").stat().st_size, estimated_bytes(sb.model, 2)
+    size = -(-need // 4096) * 4096  # passes the check (the estimate counts weights only) ...
+    if size >= actual:
+        pytest.skip(f"the estimate ({need} B) is too close to the file ({actual} B) to fill a disk between")
+    disk = small_disk(size)  # ... but cannot hold the file with its tokenizer
+    capsys.readouterr()
+    assert main(["export", str(sb.model), "--format", "gguf", "--out", str(disk / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "the disk filled up while writing (the output needs about 224.6 KiB" in err
+    assert "Traceback" not in err and list(disk.iterdir()) == []
+
+
+def test_ctrl_c_anywhere_in_a_gguf_export_exits_130_and_leaves_nothing(tmp_path, assets, capsys):
+    """A KeyboardInterrupt raised at evenly spread points of the real export (as SIGINT raises it at the
+    next bytecode): always exit status 130, the earlier file intact, no temporary left behind."""
+    sb = make_sandbox(tmp_path, assets)
+    out = tmp_path / "m.gguf"
+    argv = ["export", str(sb.model), "--format", "gguf", "--out", str(out)]
+    assert main(argv) == 0
+    previous = out.read_bytes()
+    events = [0]
+
+    def count(frame, event, arg):
+        events[0] += 1
+        return count
+
+    sys.settrace(count)
+    try:
+        main(argv)
+    finally:
+        sys.settrace(None)
+    capsys.readouterr()
+    for at in range(events[0] // 13, events[0], events[0] // 13):
+        seen = [0]
+
+        def interrupt(frame, event, arg, at=at, seen=seen):
+            seen[0] += 1
+            if seen[0] == at:
+                raise KeyboardInterrupt
+            return interrupt
+
+        sys.settrace(interrupt)
+        try:
+            status = main(argv)
+        finally:
+            sys.settrace(None)
+        err = capsys.readouterr().err
+        assert status in (0, 130), (at, err)  # 0: the interrupt came after the file was in place
+        if status == 130:
+            assert err.strip().endswith("qlorakit export: interrupted") and "Traceback" not in err
+            assert out.read_bytes() == previous
+        assert temporaries(tmp_path) == []
+
+
+def test_sigint_to_a_running_gguf_export_gives_the_clean_exit(tmp_path):
+    """The real signal, sent while the temporary file is being written."""
+    tokenizer = make_tiny_tokenizer()
+    big = make_tiny_llama(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_layers=6)
+    big.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-m", "qlorakit", "export", str(tmp_path / "model"), "--format", "gguf"]
+    proc = subprocess.Popen(
+        [*cmd, "--dtype", "q8_0", "--out", str(out)], env=ENV, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not temporaries(out.parent) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    writing = bool(temporaries(out.parent))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    if not writing:
+        pytest.skip(f"the export ended (status {proc.returncode}) before its temporary file was seen")
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("qlorakit export: interrupted") and "Traceback" not in err
+    assert not out.exists() and temporaries(out.parent) == []
