@@ -69,14 +69,14 @@ class OutputPlan:
     path: Path
     command: str
     """The writer's name as the marker records it (`merge`, `export hf`, `train`, ...)."""
-    kind: Kind
-    mode: Mode
+    kind: Kind = "folder"
+    mode: Mode = "replace"
     """`replace`: the target is written whole; `update`: files are written into the folder in place."""
-    overwrite: bool
-    need_bytes: int | None
-    label: str
+    overwrite: bool = False
+    need_bytes: int | None = None
+    label: str = "--out"
     """How the user named the path (`--out`, `output.dir`), for messages."""
-    switch: str
+    switch: str = "--overwrite"
     """What the user passes to allow overwriting (`--overwrite`, `output.overwrite=true`)."""
     suffix: str = ""
     """The usual suffix of a file output (`.gguf`), for the example path in messages."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.errors import ConfigError, QLoraKitError
-from qlorakit.outputs import OutputPlan, check_output, claim_folder
+from qlorakit.outputs import OutputPlan, check_output, claim_folder, disk_errors
 
 # (folder name, report label, quant.enabled)
 RUNS = (("lora16", "16-bit LoRA", False), ("qlora", "QLoRA", True))
@@ -133,13 +133,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.report_only:
         for _, label, _ in RUNS:
             _run_one(commands[label], label)
-    report = write_report(
-        out,
-        folders["lora16"],
-        folders["qlora"],
-        commands=None if args.report_only else {label: shlex.join(c) for label, c in commands.items()},
-        auto_dtype=_auto_dtype(),
-    )
+    with disk_errors(plan):
+        report = write_report(
+            out,
+            folders["lora16"],
+            folders["qlora"],
+            commands=None if args.report_only else {label: shlex.join(c) for label, c in commands.items()},
+            auto_dtype=_auto_dtype(),
+        )
     lora, qlora = read_run(folders["lora16"], RUNS[0][1]), read_run(folders["qlora"], RUNS[1][1])
     print(f"\n{conclusion(lora, qlora)}\nreport: {report} (plots beside it)")
     return 0

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import typing
+from pathlib import Path
 from typing import Any
 
 
@@ -79,6 +80,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qlorakit.config import load_config
+    from qlorakit.outputs import OutputPlan, disk_errors
     from qlorakit.train.recipe import run_training
 
     overrides = list(args.overrides)
@@ -87,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("--output.overwrite=true")
     cfg = load_config(args.config, overrides)
-    outcome = run_training(cfg)
+    target = OutputPlan(Path(cfg.output.dir), "train", mode="update", label="output.dir")
+    with disk_errors(target):  # a disk that fills up with checkpoints is a named error, not a traceback
+        outcome = run_training(cfg)
     if outcome.stop_reason == "signal" and outcome.signal is not None:
         return 128 + outcome.signal
     return 0

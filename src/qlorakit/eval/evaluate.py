@@ -9,6 +9,7 @@ adapters disabled (same model in memory, no reload).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from torch import nn
 from qlorakit.config import QuantConfig
 from qlorakit.errors import ConfigError, DataError
 from qlorakit.eval.generation import GenerationSettings, generate_ids
-from qlorakit.outputs import check_output, json_signature, output_file
+from qlorakit.outputs import OutputPlan, check_output, json_signature, output_file
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure maths
@@ -216,23 +217,13 @@ def evaluate(
     """
     from qlorakit.data import render_record
     from qlorakit.eval.generation import adapter_quant_config, load_base
-    from qlorakit.lora.inject import disable_adapters
     from qlorakit.lora.peft_format import load_adapter
 
     if compare_base and adapter is None:
         raise ConfigError("--compare-base needs an --adapter to compare the base with")
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     records, skipped = load_eval_records(data, fmt=data_format, limit=limit)  # fail before loading a model
-    plan = None
-    if out is not None:
-        plan = check_output(
-            out,
-            command="eval",
-            kind="file",
-            inputs=[model_spec, adapter, data],
-            overwrite=overwrite,
-            suffix=".json",
-        )
+    plan = check_report_path(out, [model_spec, adapter, data], overwrite)
     quant = quant or (adapter_quant_config(adapter) if adapter is not None else None)
     model, tokenizer = load_base(model_spec, four_bit=four_bit, quant=quant)
     if adapter is not None:
@@ -245,17 +236,8 @@ def evaluate(
     kept = [(r, ex) for r, ex in zip(records, rendered, strict=True) if ex is not None]
     if not kept:
         raise DataError(f"{data}: no row could be rendered within max_length={max_length} tokens")
-    kept_records = [r for r, _ in kept]
-    examples = [ex for _, ex in kept]
-    common = {"template": template, "settings": settings}
-    results = [
-        evaluate_pass(
-            model, tokenizer, examples, kept_records, label="adapted" if adapter else "base", **common
-        )
-    ]
-    if compare_base:
-        with disable_adapters(model):
-            results.insert(0, evaluate_pass(model, tokenizer, examples, kept_records, label="base", **common))
+    passes = ("base", "adapted") if compare_base else ("adapted" if adapter else "base",)
+    results = _evaluate_passes(model, tokenizer, kept, passes, template=template, settings=settings)
     report = EvalReport(
         str(model_spec),
         None if adapter is None else str(adapter),
@@ -265,7 +247,45 @@ def evaluate(
         results,
     )
     if plan is not None:
-        text = json.dumps({**json_signature("eval"), **report.to_dict()}, indent=2) + "\n"
-        with output_file(plan) as fh:
-            fh.write(text.encode("utf-8"))
+        write_report(report, plan)
     return report
+
+
+def _evaluate_passes(
+    model: nn.Module,
+    tokenizer: Any,
+    kept: list[tuple[Any, Any]],
+    labels: Sequence[str],
+    *,
+    template: str,
+    settings: GenerationSettings,
+) -> list[EvalResult]:
+    """One `evaluate_pass` per label: `base` with the adapters off (no reload), `adapted` as loaded."""
+    from qlorakit.lora.inject import disable_adapters
+
+    records, examples = [r for r, _ in kept], [ex for _, ex in kept]
+    results = []
+    for label in labels:
+        with disable_adapters(model) if label == "base" and "adapted" in labels else contextlib.nullcontext():
+            results.append(
+                evaluate_pass(
+                    model, tokenizer, examples, records, label=label, template=template, settings=settings
+                )
+            )
+    return results
+
+
+def check_report_path(
+    out: str | Path | None, inputs: list[str | Path | None], overwrite: bool
+) -> OutputPlan | None:
+    """`out` under the output rule of `qlorakit.outputs` (None without one), before any model is loaded."""
+    if out is None:
+        return None
+    return check_output(out, command="eval", kind="file", inputs=inputs, overwrite=overwrite, suffix=".json")
+
+
+def write_report(report: EvalReport, plan: OutputPlan) -> None:
+    """The report as JSON at the checked path, signed as eval's own so a later run may replace it."""
+    text = json.dumps({**json_signature("eval"), **report.to_dict()}, indent=2) + "\n"
+    with output_file(plan) as fh:
+        fh.write(text.encode("utf-8"))

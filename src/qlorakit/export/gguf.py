@@ -379,11 +379,8 @@ def export_gguf(
     _add_tokenizer(writer, model_dir, n_vocab)
     for plan in plans:
         np_dtype, np_shape, nbytes = _tensor_bytes(plan)
-        raw = (
-            None
-            if plan.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-            else plan.qtype
-        )
+        unquantized = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        raw = None if plan.qtype in unquantized else plan.qtype
         writer.add_tensor_info(plan.gguf_name, np_shape, np_dtype, nbytes, raw_dtype=raw)
     with output_file(target) as fh:
         # The writer streams into our handle (what its open_output_file does with a path of its own), so

@@ -186,12 +186,19 @@ _OUT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "nf4": 4.5}
 
 
 def _check_paths(
-    model_spec: str | Path, adapter_dir: Path, out_dir: Path, base: str, to: str, overwrite: bool
+    model_spec: str | Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    base: str,
+    to: str,
+    max_shard_size: int | str,
+    overwrite: bool,
 ) -> OutputPlan:
-    """Adapter, model and output checks, before anything is loaded; the output's plan."""
+    """Arguments, adapter, model and output checks, before anything is loaded; the output's plan."""
     from qlorakit.lora.peft_format import read_adapter_config
     from qlorakit.models import estimated_bytes, is_quantized_folder, resolve_model_path
 
+    _check_merge_args(base, to, max_shard_size)
     read_adapter_config(adapter_dir)  # a missing or broken adapter fails before the model is loaded
     source = resolve_model_path(model_spec)
     if base == "original" and source.is_dir() and is_quantized_folder(source):
@@ -282,18 +289,16 @@ def merge_adapter(
 ) -> MergeReport:
     """Merge the adapter into `base` weights and write a plain HF folder (or a 4-bit one for `to="nf4"`).
 
-    The output folder appears whole at the end or not at all, under the output rule of
-    `qlorakit.outputs` (`overwrite` replaces a folder qlorakit did not write; the model's and the adapter's
-    folders never). `quant` describes the 4-bit base the adapter was trained against (default: the
-    `config.yaml` that training saved beside the adapter, else NF4, blocksize 64, double quantization).
+    The output folder appears whole at the end or not at all, under the output rule of `qlorakit.outputs`.
+    `quant` describes the 4-bit base the adapter was trained against (default: the `config.yaml` that
+    training saved beside the adapter, else NF4, blocksize 64, double quantization).
     """
     from qlorakit.eval.generation import adapter_quant_config
     from qlorakit.export.hf import dense_tensors, parse_dtype, write_hf_files
     from qlorakit.lora.inject import lora_layers
 
-    _check_merge_args(base, to, max_shard_size)
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    plan = _check_paths(model_spec, adapter_dir, out_dir, base, to, overwrite)
+    plan = _check_paths(model_spec, adapter_dir, out_dir, base, to, max_shard_size, overwrite)
     quant = quant or adapter_quant_config(adapter_dir) or QuantConfig()
     model, tokenizer = _load_adapted(model_spec, adapter_dir, four_bit=base == "nf4", quant=quant)
     merged_layers = len(lora_layers(model))
