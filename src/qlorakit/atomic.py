@@ -50,7 +50,7 @@ def is_temporary(name: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # (Windows' os.kill terminates: never probe, never clean)
         return True
     try:
         os.kill(pid, 0)
