@@ -14,6 +14,9 @@ import sys
 from qlorakit.errors import QLoraKitError
 from qlorakit.memory import configure_allocator
 
+#: Commands that compute nothing with tensors: no allocator set-up (it may compile the C++ library).
+_NO_TENSORS = frozenset({"estimate"})
+
 # name -> module; order is the order shown in --help.
 COMMANDS: dict[str, str] = {
     "train": "qlorakit.commands.train",
@@ -82,7 +85,8 @@ def _run(argv: list[str]) -> int:
         parser.error(f"qlorakit {args.command} takes no --section.key=value overrides: {' '.join(overrides)}")
     if overrides:
         args.overrides = overrides
-    configure_allocator()  # freed tensors leave the resident set (see qlorakit.memory)
+    if args.command not in _NO_TENSORS:
+        configure_allocator()  # freed tensors leave the resident set, without a fault per tensor (qlorakit.memory)
     try:
         return int(args.func(args) or 0)
     except QLoraKitError as exc:

@@ -19,6 +19,8 @@ from qlorakit.config import load_config
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.metrics import read_records
 
+pytestmark = pytest.mark.dtype_sensitive
+
 REPO = Path(__file__).resolve().parents[2]
 
 

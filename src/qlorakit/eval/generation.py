@@ -144,6 +144,48 @@ def generate_ids(
     return out[0, ids.shape[1] :].tolist()
 
 
+@torch.no_grad()
+def generate_greedy_batch(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int]
+) -> list[list[int]]:
+    """Greedy new token ids for several prompts in one `generate` call per `batch` rows (left-padded).
+
+    Row i keeps at most `budgets[i]` new tokens, cut after its first EOS. Greedy decoding is causal, so a
+    row's first `budgets[i]` tokens do not depend on the longer budget the batch runs for. One batched
+    call decodes every row with each dequantization of the 4-bit weights instead of one row at a time
+    (24 held-out samples: one pass over the weights per token instead of 24). Padding changes matmul
+    shapes, so in bf16 a row can differ from its unbatched run by rounding.
+    """
+    if len(prompts) != len(budgets) or any(not p for p in prompts):
+        raise ConfigError("generate_greedy_batch needs one non-empty prompt per budget")
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=token_budget(model, width, max(budgets)),
+        eos_token_id=eos or None,
+        pad_token_id=pad,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    rows = []
+    for row, budget in zip(out[:, width:].tolist(), budgets, strict=True):
+        row = row[:budget]
+        ends = [k for k, t in enumerate(row) if t in eos]
+        rows.append(row[: ends[0] + 1] if ends else row)
+    return rows
+
+
 def render_prompt(prompt: str | Sequence[Any], tokenizer: Any, template: str = "auto") -> list[int]:
     """Token ids of a prompt as training renders it: a user instruction (str) or a list of `Message`s."""
     from qlorakit.data import Message, prompt_ids

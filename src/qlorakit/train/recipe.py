@@ -44,6 +44,7 @@ from qlorakit.train.metrics import (
     JSONL,
     PLOT,
     MetricsWriter,
+    exact_match_text,
     peak_rss_mib,
     plot_loss_curve,
     render_summary,
@@ -166,19 +167,26 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+#: Held-out prompts decoded together: one pass over the 4-bit weights per token serves this many rows.
+SAMPLE_BATCH = 8
+
+
 def generate_samples(model: nn.Module, tokenizer: Any, records: list[Any], template: str) -> list[str]:
     """Greedy completions of each held-out record's prompt (budget: reference length + 8 tokens)."""
     from qlorakit.data import prompt_ids
     from qlorakit.eval.evaluate import reference_answer
-    from qlorakit.eval.generation import GenerationSettings, generate_ids
+    from qlorakit.eval.generation import generate_greedy_batch
 
+    prompts = [prompt_ids(r, tokenizer, template) for r in records]
+    budgets = [
+        len(tokenizer(reference_answer(r), add_special_tokens=False)["input_ids"]) + 8 for r in records
+    ]
     out = []
-    for record in records:
-        budget = len(tokenizer(reference_answer(record), add_special_tokens=False)["input_ids"]) + 8
-        new = generate_ids(
-            model, tokenizer, prompt_ids(record, tokenizer, template), GenerationSettings(budget)
+    for k in range(0, len(records), SAMPLE_BATCH):
+        rows = generate_greedy_batch(
+            model, tokenizer, prompts[k : k + SAMPLE_BATCH], budgets[k : k + SAMPLE_BATCH]
         )
-        out.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        out += [tokenizer.decode(new, skip_special_tokens=True).strip() for new in rows]
     return out
 
 
@@ -364,8 +372,8 @@ def _write_outputs(
     _save_best_adapter(model, cfg, state, out / "checkpoints", out)
     save_tokenizer(tokenizer, out)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    if cfg.output.plot:
-        plot_loss_curve(records, out / PLOT)
+    plotted = plot_loss_curve(records, out / PLOT) if cfg.output.plot else None
+    summary["loss_curve"] = PLOT if plotted is not None else None  # the README lists only files written
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "README.md", render_summary(summary))
 
@@ -437,9 +445,10 @@ def _report(s: dict[str, Any]) -> str:
         f"adapter saved in {s['output_dir']} (adapter_config.json + adapter_model.safetensors, PEFT format)",
         f"steps {s['steps']}/{s['total_steps']} ({s['stop_reason']}), wall time {s['wall_time_s']:.1f} s, "
         f"{s['tokens_per_s']:.0f} tokens/s, peak RSS {s['peak_rss_mib']:.0f} MiB",
-        f"{'':<28}{'before':>10}{'after':>10}",
-        f"{'validation loss':<28}{f(s['val_loss_before']):>10}{f(s['val_loss_after']):>10}",
-        f"{'exact match (held-out)':<28}{s['exact_before']:>7}/{s['samples']:<2}{s['exact_after']:>7}/{s['samples']:<2}",
+        f"{'':<28}{'before':>16}{'after':>16}",
+        f"{'validation loss':<28}{f(s['val_loss_before']):>16}{f(s['val_loss_after']):>16}",
+        f"{'exact match (held-out)':<28}{exact_match_text(s['exact_before'], s['samples']):>16}"
+        f"{exact_match_text(s['exact_after'], s['samples']):>16}",
     ]
     for g in s["generations"]:
         lines += [
