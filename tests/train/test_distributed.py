@@ -38,7 +38,7 @@ from qlorakit.train.metrics import MetricsWriter, read_records
 from qlorakit.train.optim import build_optimizer, total_steps, trainable_named_parameters
 from qlorakit.train.recipe import build_model, seed_everything
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dtype_sensitive]
 TIMEOUT = 900
 LR, STEPS, WORLD = 1e-3, 6, 2
 COMMON = (f"--train.lr={LR}", f"--train.max_steps={STEPS}", "--train.save_every=3", "--output.samples=0")

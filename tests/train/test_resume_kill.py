@@ -33,7 +33,7 @@ from qlorakit.errors import CheckpointError
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.metrics import read_records
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dtype_sensitive]
 TIMEOUT = 600
 STEPS, EVERY = 15, 3
 # eval_every = save_every: a new best validation loss also writes a checkpoint, so evaluating at the
