@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,13 +98,29 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def hold_interrupts() -> Any:
+    """Block SIGINT/SIGTERM for this thread (POSIX); returns the previous mask, or None where unsupported."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def release_interrupts(held: Any) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Open `path` for binary writing; the file appears (renamed from a temp sibling) only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Ctrl-C between mkstemp creating the file and the `try` below would leave it behind: hold SIGINT and
+    # SIGTERM until inside the `try`, where the interrupt (raised as soon as they are unblocked) cleans up.
+    held = hold_interrupts()
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
+        release_interrupts(held)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()

@@ -39,7 +39,9 @@ from qlorakit.atomic import (
     atomic_directory,
     atomic_open,
     atomic_write_json,
+    hold_interrupts,
     is_temporary,
+    release_interrupts,
     remove_paths,
     stale_temporaries,
     temp_prefix,
@@ -234,6 +236,7 @@ def _writable_folder(plan: OutputPlan) -> Path:
         where = plan.path
     else:
         where = next(p for p in plan.path.parents if p.is_dir())
+    held = hold_interrupts()  # Ctrl-C between creating and unlinking the probe would leave it behind
     try:
         fd, probe = tempfile.mkstemp(prefix=temp_prefix(plan.path.name), suffix=".tmp", dir=where)
         os.close(fd)
@@ -243,6 +246,8 @@ def _writable_folder(plan: OutputPlan) -> Path:
             f"{plan.label} {plan.path}: cannot write in {where} ({exc.strerror or exc}); choose a writable "
             "location"
         ) from exc
+    finally:
+        release_interrupts(held)
     return where
 
 
