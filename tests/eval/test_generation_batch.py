@@ -9,7 +9,12 @@ from conftest import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.errors import ConfigError
 from qlorakit.eval.generation import GenerationSettings, generate_greedy_batch, generate_ids, render_prompt
 
-PROMPTS = ["What is 2 + 3?", "Reverse the word hello", "Hi", "The quick brown fox jumps over the lazy dog. Why?"]
+PROMPTS = [
+    "What is 2 + 3?",
+    "Reverse the word hello",
+    "Hi",
+    "The quick brown fox jumps over the lazy dog. Why?",
+]
 
 
 def test_batched_rows_equal_unbatched_greedy_runs_with_their_own_budgets():
