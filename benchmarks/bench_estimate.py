@@ -6,8 +6,10 @@ steps on rows that all fill `--seq` tokens (so every batch is exactly batch x se
   ru_maxrss `os.wait4` reports would include this driver's peak, which a child inherits at fork + exec);
 - a psutil RSS sampling of the child (every 20 ms), split at the line the pipeline prints once the model is
   built and the data loaded: the loading peak and the training peak separately.
-Predicted: `estimate_memory(...)` with the run's settings (`loading`, `training`, `peak`). Printed: both and
-the error of the peak in %. Target: within 15%.
+Predicted: the run's config as `qlorakit estimate CONFIG` predicts it (`RunSettings.from_config` on this
+machine, over the batch shapes its data gives: `loading`, `training`, `peak`). Printed: both and the error
+of the peak in %. Target: within 15%. The compute dtype (`--dtype auto`: QLORAKIT_CPU_BF16 or the CPU) and
+the allocator mode (QLORAKIT_MALLOC_TUNING) are the environment's, for the runs and the estimate alike.
 
     python benchmarks/bench_estimate.py --quick      # a tiny random model only, to check that it runs
     python benchmarks/bench_estimate.py              # smollm2-135m (built in) + a ~48M random Llama
@@ -196,22 +198,19 @@ def measure(command: list[str], env: dict[str, str], out: Path) -> dict[str, flo
     }
 
 
-def predict(model: str, method: str, args: argparse.Namespace, dtype_name: str):
-    from qlorakit.estimate import ModelShape, estimate_memory
+def predict(model: str, overrides: list[str], tokenizer):
+    """The estimate of the run these `qlorakit train` overrides describe, as `qlorakit estimate` makes it:
+    the config's settings on this machine (compute dtype, allocator mode) over the batch shapes its data
+    gives."""
+    from qlorakit.config import load_config
+    from qlorakit.estimate import ModelShape, RunSettings
+    from qlorakit.run_shapes import run_shapes
+    from qlorakit.train.recipe import SAMPLE_BATCH
 
+    cfg = load_config(None, overrides)
     shape = ModelShape.from_config(model)
-    return shape, estimate_memory(
-        shape,
-        method=method,
-        batch=args.batch,
-        seq=args.seq,
-        r=args.r,
-        targets="all-linear",
-        grad_checkpointing=True,
-        compute_dtype=dtype_name,
-        optimizer="adamw",
-        lora_dropout=0.05,
-    )
+    settings = RunSettings.from_config(cfg).with_shapes(run_shapes(cfg, tokenizer, SAMPLE_BATCH))
+    return shape, settings.estimate(shape)
 
 
 def parse_args() -> argparse.Namespace:
@@ -253,6 +252,7 @@ def main() -> None:
 
     import torch
 
+    from qlorakit.memory import requested_mode
     from qlorakit.quant.linear import default_compute_dtype
 
     dtype_name = (
@@ -267,12 +267,13 @@ def main() -> None:
     )
     print(
         f"torch {torch.__version__}, compute dtype {dtype_name}, batch {args.batch} x seq {args.seq}, "
-        f"r={args.r}, {args.steps} steps, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}"
+        f"r={args.r}, {args.steps} steps, {args.threads} thread(s), allocator mode {requested_mode()}; load "
+        f"average {os.getloadavg()[0]:.1f}"
     )
-    print_table(run_all(args, names, dtype_name, env))
+    print_table(run_all(args, names, env))
 
 
-def run_all(args: argparse.Namespace, names: list[str], dtype_name: str, env: dict[str, str]) -> list:
+def run_all(args: argparse.Namespace, names: list[str], env: dict[str, str]) -> list:
     """Train each model with each method in a child process; rows of (name, params, method, est, got, err)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-estimate-") as tmp:
@@ -290,7 +291,7 @@ def run_all(args: argparse.Namespace, names: list[str], dtype_name: str, env: di
                     "train",
                     *train_overrides(args, model, data, out, quant),
                 ]
-                shape, est = predict(model, method, args, dtype_name)
+                shape, est = predict(model, train_overrides(args, model, data, out, quant), tokenizer)
                 got = measure(command, env, out)
                 err = (est.peak / 2**20 - got["peak"]) / got["peak"] * 100
                 rows.append((name, shape.num_params() / 1e6, method, est, got, err))

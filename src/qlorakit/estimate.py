@@ -15,34 +15,43 @@ breakdown of the peak resident set (RSS) of the PyTorch CPU process that trains 
                       the architectures it knows): a per-token logsumexp, the fp32 gradient of the last
                       hidden states and a few [1024, 4096] fp32 blocks of logits at a time. Otherwise
                       batch * seq * vocab * 16 B at the backward peak: the logits the loss holds, the fp32
-                      log-probabilities cross-entropy saves, the gradient of those and of the logits
-    allocator         memory the C allocator keeps after PyTorch frees it (see below)
+                      log-probabilities cross-entropy saves, the gradient of those and of the logits. With
+                      gradient checkpointing only what exceeds one recomputed layer counts: the loss's
+                      backward is over before the first layer is recomputed
+    allocator         freed memory the process keeps resident, by allocator mode (see below)
+    kernels           the 16-bit matmul kernels oneDNN compiles, one set per batch shape
+                      (`qlorakit.kernel_cache`); none in fp32
     workspace         transient buffers: a dequantized 4-bit weight, AdamW step temporaries
     runtime           the process itself: Python + torch + transformers + qlorakit, measured
 
 `training` is the sum of those (gradients stay allocated across micro-batches in a trainer that
 accumulates them); `loading` is the peak while the checkpoint is read and converted; `peak` the larger
 (the process's peak RSS); `required` leaves out clean checkpoint-file pages, the part that must fit.
+`RunSettings.from_config` reads a training config as `qlorakit train` runs it on this machine (method,
+rank, targets, batch, max_length, checkpointing, optimizer, the compute dtype `auto` resolves to, the
+allocator mode); `qlorakit.run_shapes` replays the batch shapes of its data.
 
 Loading: QLoRA quantizes each linear as it reads it with plain file reads (`qlorakit.quant.loading`), so
 it holds the 4-bit model, the unquantized rest and one layer's weight. 16-bit methods load with
 transformers, which maps the safetensors file: stored in the compute dtype, the tensors are used in
 place (file pages); in another dtype, the mapped file and the converted model coexist while loading.
 
-The allocator: the `qlorakit` command fixes glibc's mmap threshold at 1 MiB (`qlorakit.memory`), so every
-activation of 1 MiB or more is returned to the system when freed. With glibc's dynamic threshold the heap
-instead kept 35-68% of a non-checkpointed pass's activations (measured on SmolLM2-135M);
-`ALLOCATOR_RETENTION` is what remains with the fixed threshold, measured by benchmarks/bench_estimate.py.
-Other allocators (jemalloc, CUDA's caching allocator) behave differently.
+The allocator: what the mode of `qlorakit.memory` (QLORAKIT_MALLOC_TUNING, asked the way the `qlorakit`
+command asks it) keeps resident after PyTorch frees memory is modelled in `qlorakit.allocator_model`.
+Measured against real runs by benchmarks/bench_estimate.py and the slow test in tests/test_estimate.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from qlorakit.allocator_model import allocator_bytes
+from qlorakit.config import Config
 from qlorakit.errors import ConfigError
+from qlorakit.kernel_cache import BatchShape, RunShapes, kernel_bytes
+from qlorakit.memory import requested_mode
 from qlorakit.model_shape import (  # re-exported: the shape readers used to live here
     BUILTIN_MODELS,
     LinearShape,
@@ -53,11 +62,13 @@ from qlorakit.model_shape import (  # re-exported: the shape readers used to liv
     smollm2_gguf_path,
     target_linears,
 )
+from qlorakit.quant.linear import default_compute_dtype
 
 __all__ = [
-    "BUILTIN_MODELS", "METHODS", "OPTIMIZERS", "Advice", "LinearShape", "MemoryEstimate", "MethodAdvice",
-    "ModelShape", "advise", "config_from_gguf", "dtype_bytes", "dtype_name", "estimate_memory",
-    "format_bytes", "parse_size", "quantized_bytes", "smollm2_gguf_path", "target_linears",
+    "BUILTIN_MODELS", "METHODS", "OPTIMIZERS", "Advice", "BatchShape", "LinearShape", "MemoryEstimate",
+    "MethodAdvice", "ModelShape", "RunSettings", "RunShapes", "advise", "config_from_gguf", "dtype_bytes",
+    "dtype_name", "estimate_memory", "format_bytes", "parse_size", "quantized_bytes", "smollm2_gguf_path",
+    "target_linears",
 ]  # fmt: skip
 
 METHODS = ("full", "lora", "qlora")
@@ -68,14 +79,14 @@ GiB = 2**30
 # transformers is 346 MiB; `qlorakit train` of a 2-layer, 320-token-vocabulary Llama peaks at 380-386 MiB.
 IMPORT_RSS_BYTES = 346 * MiB
 RUNTIME_OVERHEAD_BYTES = 385 * MiB
-# Share of a non-checkpointed pass's activations that the heap keeps resident with the fixed mmap
-# threshold the command line sets (see the module doc).
-ALLOCATOR_RETENTION = 0.0
 NESTED_BLOCKSIZE = 256
 # The fused loss's logits block (qlorakit.train.head_loss defaults) and how many live at its peak.
 LOSS_CHUNK_TOKENS, LOSS_CHUNK_VOCAB, LOSS_LIVE_BLOCKS = 1024, 4096, 3
 COMPONENTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer", "activations", "logits",
-              "allocator", "workspace", "runtime")  # fmt: skip
+              "allocator", "kernels", "workspace", "runtime")  # fmt: skip
+# Optimizer names of `train.optim` -> the state layout estimated (paged variants hold the same states).
+CONFIG_OPTIMIZERS = {"adamw": "adamw", "paged_adamw_32bit": "adamw", "adamw_8bit": "adamw_8bit",
+                     "paged_adamw_8bit": "adamw_8bit"}  # fmt: skip
 
 
 def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> tuple[int, int]:
@@ -138,8 +149,9 @@ def _layer_activation_bytes(
     each RMSNorm keeps its fp32 input and its normalized output (h*4 + 4 + h*e), attention keeps q, its
     output, o_proj's input, one more q-sized tensor and k, v at their KV size (4*qd + 2*kvd)*e plus a
     fp32 log-sum-exp per head, the gated MLP keeps gate, silu(gate), up and their product (4*i*e).
-    A frozen norm weight does not keep its normalized output; each LoRA module keeps its A output
-    (r fp32), an fp32 copy of its input when computing in 16 bit, and with dropout a 1-bit keep-mask.
+    A frozen norm weight does not keep its normalized output. qlorakit's LoRA layer (`qlorakit.lora`)
+    keeps its input (the tensor the frozen linear would keep; a 4-bit linear keeps none), its [tokens, r]
+    down-projection in the compute dtype and, with dropout, a 1-bit keep-mask.
     """
     h, qd, kvd, i = (
         arch.hidden_size,
@@ -154,12 +166,7 @@ def _layer_activation_bytes(
     if method != "full":
         per_token -= arch.norms_per_layer * h * e
         for lin in adapted:
-            per_token += r * 4 + (lin.in_features * 4 if e != 4 else 0)
-            if e != 4 and lin.name.endswith(("o_proj", "down_proj")):
-                # a frozen 16-bit linear drops its input (and attention its q-sized output copy) once
-                # LoRA keeps the fp32 copy instead
-                per_token -= lin.in_features * e * (2 if lin.name.endswith("o_proj") else 1)
-            per_token += -(-lin.in_features // 8) if lora_dropout > 0 else 0
+            per_token += r * e + (-(-lin.in_features // 8) if lora_dropout > 0 else 0)
     return per_token * tokens
 
 
@@ -196,12 +203,6 @@ def _logits_bytes(arch: ModelShape, tokens: int, e: int, fused: bool) -> int:
         block = min(tokens, LOSS_CHUNK_TOKENS) * min(arch.vocab_size, LOSS_CHUNK_VOCAB) * 4
         return tokens * (16 + arch.hidden_size * (4 + e)) + LOSS_LIVE_BLOCKS * block
     return tokens * arch.vocab_size * (16 if e == 4 else 12 + 2 * e)
-
-
-def _allocator_bytes(full_activations: int, held_activations: int) -> int:
-    """Heap memory the allocator keeps: the share of a non-checkpointed pass's activations that is not
-    held anyway."""
-    return max(0, int(ALLOCATOR_RETENTION * full_activations) - held_activations)
 
 
 def _optimizer_bytes(optimizer: str, trainable: int, tensors: int, master: bool) -> int:
@@ -294,8 +295,15 @@ def estimate_memory(
     blocksize: int = 64,
     double_quant: bool = True,
     lora_dropout: float = 0.0,
+    shapes: RunShapes | None = None,
+    allocator: str | None = None,
 ) -> MemoryEstimate:
-    """The peak memory of training `arch` with `method` on `batch` sequences of `seq` tokens."""
+    """The peak memory of training `arch` with `method` on `batch` sequences of `seq` tokens.
+
+    `shapes`: the distinct batch shapes of the run (16-bit kernels are compiled per shape); None means
+    every row `seq` tokens. `allocator`: the mode of `qlorakit.memory` ("cache", "mmap", "off"); None
+    means what `QLORAKIT_MALLOC_TUNING` selects for the `qlorakit` command, as the training command would.
+    """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if batch < 1 or seq < 1 or r < 1:
@@ -311,14 +319,74 @@ def estimate_memory(
     layer = _layer_activation_bytes(arch, tokens, e, method, adapted, r, lora_dropout)
     c["activations"] = _model_activation_bytes(arch, tokens, e, layer, grad_checkpointing)
     c["logits"] = _logits_bytes(arch, tokens, e, fused=method != "full" and fused_loss_applies(arch))
+    if grad_checkpointing:  # the loss's backward ends before the first layer is recomputed: whichever
+        c["logits"] = max(0, c["logits"] - layer)  # of the two is larger sets the peak
     c["runtime"] = RUNTIME_OVERHEAD_BYTES
 
     full_acts = _model_activation_bytes(arch, tokens, e, layer, grad_checkpointing=False)
-    c["allocator"] = _allocator_bytes(full_acts, c["activations"])
+    shapes = shapes or RunShapes.uniform(batch, seq)
+    mode = requested_mode() if allocator is None else allocator
+    c["allocator"] = allocator_bytes(
+        mode, arch, method, adapted, e, tokens, (full_acts, c["activations"]), grad_checkpointing,
+        len(shapes.train),
+    )  # fmt: skip
+    fused = method != "full" and fused_loss_applies(arch)
+    c["kernels"] = kernel_bytes(arch, adapted, e, blocksize, shapes, method=method, fused_loss=fused)
     load, pages = _loading_bytes(arch, method, compute_dtype, c)
     return MemoryEstimate(
         method, batch, seq, grad_checkpointing, c, load, trainable, loading_file_pages=pages
     )
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of a training run that decide its memory: the keywords of `estimate_memory`."""
+
+    method: str
+    batch: int
+    seq: int
+    r: int
+    targets: str | tuple[str, ...]
+    grad_checkpointing: bool
+    compute_dtype: str
+    optimizer: str
+    blocksize: int
+    double_quant: bool
+    lora_dropout: float
+    allocator: str
+    shapes: RunShapes | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RunSettings:
+        """What `qlorakit train` does with `cfg` on this machine: `quant.enabled` picks QLoRA or 16-bit
+        LoRA, `compute_dtype: auto` resolves as training resolves it on the CPU, the allocator mode is the
+        one `QLORAKIT_MALLOC_TUNING` selects. Gradient accumulation changes no memory: the gradients stay
+        allocated between micro-batches anyway."""
+        q, lo, t = cfg.quant, cfg.lora, cfg.train
+        dtype = q.compute_dtype if q.compute_dtype != "auto" else dtype_name(default_compute_dtype("cpu"))
+        targets = lo.target_modules if isinstance(lo.target_modules, str) else tuple(lo.target_modules)
+        return cls(
+            method="qlora" if q.enabled else "lora",
+            batch=t.batch_size,
+            seq=cfg.data.max_length,
+            r=lo.r,
+            targets=targets,
+            grad_checkpointing=t.gradient_checkpointing,
+            compute_dtype=dtype,
+            optimizer=CONFIG_OPTIMIZERS[t.optim],
+            blocksize=q.blocksize,
+            double_quant=q.double_quant,
+            lora_dropout=lo.dropout,
+            allocator=requested_mode(),
+        )
+
+    def with_shapes(self, shapes: RunShapes) -> RunSettings:
+        """These settings over the replayed shapes of the run's data: the activations of its longest
+        training batch (at most max_length tokens per row), the kernels of every shape."""
+        return replace(self, shapes=shapes, seq=shapes.longest.length)
+
+    def estimate(self, arch: ModelShape) -> MemoryEstimate:
+        return estimate_memory(arch, **{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass(frozen=True)

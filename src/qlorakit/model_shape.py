@@ -9,6 +9,7 @@ works from these sizes alone.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,21 @@ class ModelShape:
 def target_linears(arch: ModelShape, targets: str | list[str] | tuple[str, ...]) -> list[LinearShape]:
     """The per-layer linears a LoRA target spec selects ("all-linear" = every block linear, not the head).
 
-    A name matches a module whose path is the name or ends with "." + name, as in PEFT.
+    A name matches a module whose path is the name or ends with "." + name, as in PEFT. A string that is
+    not a plain name is a regular expression over module paths (`lora.target_modules` as PEFT reads it:
+    a full match of e.g. `model.layers.0.self_attn.q_proj`); layer-specific patterns count for every layer.
     """
     linears = arch.layer_linears()
     if targets == "all-linear":
         return linears
+    if isinstance(targets, str):
+        prefix = "transformer.h.0." if arch.model_type == "gpt2" else "model.layers.0."
+        try:
+            matched = [lin for lin in linears if re.fullmatch(targets, prefix + lin.name)]
+        except re.error as exc:
+            raise ConfigError(f"LoRA targets {targets!r} is not a valid regular expression ({exc})") from exc
+        if matched:
+            return matched
     names = [targets] if isinstance(targets, str) else list(targets)
     chosen = [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
     if not chosen:
@@ -289,6 +300,18 @@ def _model_name_from_yaml(path: Path) -> str:
     return name
 
 
+def model_source(name: str, config_file: str | Path) -> str:
+    """The model a YAML config's `model.name` names: a built-in name as is; a relative path that does not
+    exist from the working directory but does next to `config_file` is taken relative to that file."""
+    if name.lower() in BUILTIN_MODELS:
+        return name
+    target = Path(name).expanduser()
+    beside = Path(config_file).parent / target
+    if not target.is_absolute() and not target.exists() and beside.exists():
+        return str(beside)
+    return str(target)
+
+
 def _shape_from_source(source: str) -> ModelShape:
     if source.lower() in BUILTIN_MODELS:
         return _shape_from_dict(config_from_gguf(smollm2_gguf_path()), source)
@@ -304,11 +327,7 @@ def _shape_from_source(source: str) -> ModelShape:
     if path.suffix == ".gguf":
         return _shape_from_dict(config_from_gguf(path), str(path))
     if path.suffix in (".yaml", ".yml"):
-        name = _model_name_from_yaml(path)
-        target = Path(name).expanduser()
-        if not target.is_absolute() and not target.exists() and (path.parent / target).exists():
-            target = path.parent / target  # relative to the YAML file
-        return _shape_from_source(name if name.lower() in BUILTIN_MODELS else str(target))
+        return _shape_from_source(model_source(_model_name_from_yaml(path), path))
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

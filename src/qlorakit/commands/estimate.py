@@ -1,10 +1,31 @@
-"""`qlorakit estimate MODEL_OR_CONFIG`: a hardware-requirements table from the model's shape alone."""
+"""`qlorakit estimate MODEL_OR_CONFIG [options] [--section.key=value ...]`: the memory a fine-tuning run needs.
+
+Given a training YAML it predicts that run, as `qlorakit train CONFIG` would do it on this machine: the
+config's method (quant.enabled: QLoRA, else 16-bit LoRA), LoRA rank and targets, train.batch_size,
+data.max_length, gradient checkpointing, optimizer and compute dtype (`auto` resolves as training
+resolves it here: bf16 on CPUs with AVX512-BF16/AMX, else fp32), and the allocator mode of
+QLORAKIT_MALLOC_TUNING. It also reads the run's data (tokenizer and rows, no weights) to replay the batch
+shapes the run computes: batches are padded to their longest row, and in 16-bit compute every new shape
+costs memory for the rest of the run. Given a model instead, it estimates `qlorakit train
+--model.name=MODEL` with the default settings, every row max_length tokens.
+
+Options given explicitly override the config's values, and so do `--section.key=value` overrides (as for
+`qlorakit train`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qlorakit.errors import ConfigError
+from qlorakit.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # the modules themselves are imported in `run`: `qlorakit --help` stays fast
+    from qlorakit.config import Config
+    from qlorakit.estimate import Advice, MemoryEstimate, ModelShape, RunSettings
+    from qlorakit.kernel_cache import RunShapes
 
 _ROWS = (
     ("weights", "Weights"),
@@ -14,48 +35,157 @@ _ROWS = (
     ("optimizer", "Optimizer states"),
     ("activations", "Activations"),
     ("logits", "Logits + loss"),
-    ("allocator", "Allocator-held (glibc)"),
+    ("allocator", "Allocator-held"),
+    ("kernels", "Matmul kernels (16-bit)"),
     ("workspace", "Workspace"),
     ("runtime", "Runtime (Python + torch)"),
 )
+# LoRA settings the estimate does not model (it counts r on every targeted linear of every layer).
+_UNMODELED = ("rank_pattern", "layers_to_transform", "exclude_modules", "modules_to_save", "use_dora")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "estimate",
+        usage="qlorakit estimate [-h] [options] MODEL_OR_CONFIG [--section.key=value ...]",
         help="estimate the memory a fine-tuning run needs (no weights loaded)",
-        description="Print the memory a full / LoRA / QLoRA fine-tune needs, per component, and what fits a budget.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "model",
         metavar="MODEL_OR_CONFIG",
-        help="model folder, config.json, .gguf, qlorakit YAML, or smollm2-135m",
+        help="a qlorakit training YAML (predicts that run), or a model folder, config.json, .gguf or "
+        "smollm2-135m (with qlorakit train's default settings)",
     )
-    p.add_argument("--method", choices=("full", "lora", "qlora", "all"), default="all")
-    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--r", type=int, default=64, help="LoRA rank (default 64)")
     p.add_argument(
-        "--targets", default="all-linear", help="LoRA targets: all-linear or comma-separated module names"
+        "--method",
+        choices=("full", "lora", "qlora", "all"),
+        default=None,
+        help="default: the config's method for a YAML, all three for a model",
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="sequences per micro-batch (default: train.batch_size)"
+    )
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: data.max_length)")
+    p.add_argument("--r", type=int, default=None, help="LoRA rank (default: lora.r)")
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="LoRA targets: all-linear or comma-separated module names (default: lora.target_modules)",
     )
     p.add_argument(
         "--grad-checkpointing",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="recompute layer activations",
+        default=None,
+        help="recompute layer activations (default: train.gradient_checkpointing)",
     )
     p.add_argument(
-        "--dtype", default="bfloat16", help="compute dtype: bfloat16, float16 or float32 (default bfloat16)"
+        "--dtype",
+        default=None,
+        help="compute dtype: auto, bfloat16, float16 or float32 (default: quant.compute_dtype; auto is "
+        "what training picks on this machine)",
     )
-    p.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "sgd"), default="adamw")
-    p.add_argument("--blocksize", type=int, default=64, help="4-bit quantization block size (default 64)")
     p.add_argument(
-        "--no-double-quant", dest="double_quant", action="store_false", help="no nested absmax quantization"
+        "--optimizer", choices=("adamw", "adamw_8bit", "sgd"), default=None, help="default: train.optim"
+    )
+    p.add_argument("--blocksize", type=int, default=None, help="4-bit block size (default: quant.blocksize)")
+    p.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nested absmax quantization (default: quant.double_quant)",
+    )
+    p.add_argument(
+        "--no-data",
+        dest="data",
+        action="store_false",
+        help="do not read the config's data: assume every row is max_length tokens (one batch shape)",
     )
     p.add_argument(
         "--budget", default=None, help="memory budget such as 8GiB: advise the largest batch / seq that fit"
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, overrides=[])
+
+
+def _check_options(args: argparse.Namespace) -> tuple[int | None, list[str]]:
+    """(the budget in bytes, the explicit options as config overrides, applied last so they win);
+    one ConfigError naming every bad option."""
+    from qlorakit.estimate import dtype_name, parse_size
+
+    budget = None
+    errors = []
+    if args.budget is not None:
+        try:
+            budget = parse_size(args.budget)
+        except ConfigError as exc:
+            errors.append(f"--budget: {exc}")
+    errors += [
+        f"--{name} must be a positive integer, got {value}"
+        for name, value in (
+            ("batch", args.batch),
+            ("seq", args.seq),
+            ("r", args.r),
+            ("blocksize", args.blocksize),
+        )
+        if value is not None and value < 1
+    ]
+    out = [
+        f"--{key}={value}"
+        for key, value in (
+            ("train.batch_size", args.batch),
+            ("data.max_length", args.seq),
+            ("lora.r", args.r),
+            ("quant.blocksize", args.blocksize),
+        )
+        if value is not None
+    ]
+    if args.targets is not None:
+        names = [t.strip() for t in args.targets.split(",") if t.strip()]
+        if not names:
+            errors.append("--targets is empty; use all-linear or names such as q_proj,v_proj")
+        value = "all-linear" if names == ["all-linear"] else "[" + ", ".join(names) + "]"
+        out.append(f"--lora.target_modules={value}")
+    if args.dtype is not None:
+        try:
+            out.append(f"--quant.compute_dtype={'auto' if args.dtype == 'auto' else dtype_name(args.dtype)}")
+        except ConfigError:
+            errors.append(f"--dtype {args.dtype!r}: use auto, bfloat16, float16 or float32")
+    for key, value in (
+        ("train.gradient_checkpointing", args.grad_checkpointing),
+        ("quant.double_quant", args.double_quant),
+    ):
+        if value is not None:
+            out.append(f"--{key}={'true' if value else 'false'}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return budget, out
+
+
+def _load(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, ModelShape, bool]:
+    """(the run's config with every override, the model's shape, whether a YAML was given)."""
+    from qlorakit.config import config_from_dict, load_config
+    from qlorakit.estimate import ModelShape
+    from qlorakit.model_shape import model_source
+
+    if Path(args.model).suffix in (".yaml", ".yml"):
+        cfg = load_config(args.model, overrides)
+        return cfg, ModelShape.from_config(model_source(cfg.model.name, args.model)), True
+    cfg = config_from_dict({"model": {"name": args.model}}, overrides, source="estimate settings")
+    return cfg, ModelShape.from_config(cfg.model.name), False
+
+
+def _shapes(cfg: Config, source: str, notes: list[str]) -> RunShapes | None:
+    """The run's batch shapes replayed from its data; None (with a note) when the tokenizer is missing."""
+    from qlorakit.run_shapes import load_tokenizer, run_shapes
+    from qlorakit.train.recipe import SAMPLE_BATCH
+
+    try:
+        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    except ModelError as exc:
+        notes.append(f"no tokenizer to read the data with ({exc}); assumed every row max_length tokens")
+        return None
+    return run_shapes(cfg, tokenizer, SAMPLE_BATCH)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -69,71 +199,115 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-def run(args: argparse.Namespace) -> int:
-    from qlorakit.estimate import METHODS, ModelShape, advise, estimate_memory, format_bytes, parse_size
+def _describe(cfg: Config, s: RunSettings, shapes: RunShapes | None) -> str:
+    auto = " (auto on this CPU)" if cfg.quant.compute_dtype == "auto" else ""
+    targets = s.targets if isinstance(s.targets, str) else ",".join(s.targets)
+    seq = f"seq {s.seq}"
+    if shapes is not None and s.seq != cfg.data.max_length:
+        seq += f" (the longest batch of this run; data.max_length {cfg.data.max_length})"
+    text = (
+        f"batch {s.batch} x {seq}, {s.compute_dtype} compute{auto}, r={s.r} on {targets}, {s.optimizer}, "
+        f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, grad_accum "
+        f"{cfg.train.grad_accum} (no extra memory), allocator mode {s.allocator} (QLORAKIT_MALLOC_TUNING)"
+    )
+    if shapes is None:
+        return text + "\nbatch shapes: one (every row max_length tokens)"
+    gen = len(shapes.generate)
+    return text + (
+        f"\nbatch shapes replayed from the data: {len(shapes.train)} training, {len(shapes.evaluate)} "
+        f"evaluation, {gen} generation (each new shape compiles 16-bit matmul kernels)"
+    )
 
-    budget = None if args.budget is None else parse_size(args.budget)  # every argument before any output
-    shape = ModelShape.from_config(args.model)
-    methods = METHODS if args.method == "all" else (args.method,)
-    targets = (
-        "all-linear"
-        if args.targets == "all-linear"
-        else [t.strip() for t in args.targets.split(",") if t.strip()]
-    )
-    if not targets:
-        raise ConfigError("--targets is empty; use all-linear or names such as q_proj,v_proj")
-    common = {
-        "r": args.r,
-        "targets": targets,
-        "compute_dtype": args.dtype,
-        "optimizer": args.optimizer,
-        "blocksize": args.blocksize,
-        "double_quant": args.double_quant,
-    }
-    estimates = [
-        estimate_memory(
-            shape,
-            method=m,
-            batch=args.batch,
-            seq=args.seq,
-            grad_checkpointing=args.grad_checkpointing,
-            **common,
+
+def _advice_lines(advice: Advice, seq: int) -> list[str]:
+    from qlorakit.estimate import format_bytes
+
+    lines = [f"\nWithin {format_bytes(advice.budget_bytes)}:"]
+    for m in advice.methods:
+        if not m.fits:
+            lines.append(
+                f"  {m.method:5s}  does not fit batch 1 x seq {seq}, even with gradient checkpointing"
+            )
+            continue
+        gc = "with" if m.grad_checkpointing else "without"
+        lines.append(
+            f"  {m.method:5s}  batch up to {m.max_batch} at seq {seq}; seq up to {m.max_seq} at batch 1 "
+            f"({gc} gradient checkpointing; needs {format_bytes(m.peak_bytes)} at batch {m.max_batch})"
         )
-        for m in methods
-    ]
-    print(
-        f"{args.model}: {shape.num_params() / 1e6:,.1f}M parameters ({shape.model_type}, {shape.num_layers} layers, "
-        f"hidden {shape.hidden_size}, vocab {shape.vocab_size})"
+    best = advice.recommended
+    lines.append(
+        f"  -> {'use ' + best.method if best else 'nothing fits: lower --seq or use a smaller model'}"
     )
-    print(
-        f"batch {args.batch} x seq {args.seq}, {args.dtype} compute, r={args.r}, {args.optimizer}, gradient "
-        f"checkpointing {'on' if args.grad_checkpointing else 'off'}\n"
-    )
+    return lines
+
+
+def _unmodeled(cfg: Config) -> list[str]:
+    """Settings of the config that change memory in ways the estimate does not count."""
+    out = [f"lora.{k}" for k in _UNMODELED if getattr(cfg.lora, k) not in (None, False, [], {})]
+    if cfg.quant.skip != ["lm_head"]:
+        out.append("quant.skip")
+    if cfg.data.packing:
+        out.append("data.packing (its [batch, 1, seq, seq] attention mask)")
+    return [f"not modelled: {', '.join(out)}"] if out else []
+
+
+def _component_table(estimates: list[MemoryEstimate], methods: tuple[str, ...]) -> str:
+    from qlorakit.estimate import format_bytes
+
     rows = [[label, *(format_bytes(e.components[key]) for e in estimates)] for key, label in _ROWS]
     rows.append(["Trainable parameters", *(f"{e.trainable_params / 1e6:,.2f}M" for e in estimates)])
-    rows.append(["Training total", *(format_bytes(e.training) for e in estimates)])
-    rows.append(["Loading peak", *(format_bytes(e.loading) for e in estimates)])
-    rows.append(["Peak RSS (estimate)", *(format_bytes(e.peak) for e in estimates)])
-    rows.append(["Must fit in RAM", *(format_bytes(e.required) for e in estimates)])
-    print(_table(["Component", *methods], rows))
+    for label, value in (("Training total", "training"), ("Loading peak", "loading"),
+                         ("Peak RSS (estimate)", "peak"), ("Must fit in RAM", "required")):  # fmt: skip
+        rows.append([label, *(format_bytes(getattr(e, value)) for e in estimates)])
+    return _table(["Component", *methods], rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlorakit.estimate import METHODS, RunSettings, advise
+    from qlorakit.model_shape import model_source
+
+    # everything is read and checked before the first line is printed
+    budget, flag_overrides = _check_options(args)
+    cfg, shape, from_yaml = _load(args, [*args.overrides, *flag_overrides])
+    settings = RunSettings.from_config(cfg)
+    if args.optimizer is not None:
+        settings = dataclasses.replace(settings, optimizer=args.optimizer)
+    notes = _unmodeled(cfg)
+    shapes = None
+    if from_yaml and args.data:
+        shapes = _shapes(cfg, model_source(cfg.model.name, args.model), notes)
+    if shapes is not None:
+        settings = settings.with_shapes(shapes)
+    method = args.method or (settings.method if from_yaml else "all")
+    methods = METHODS if method == "all" else (method,)
+    estimates = [dataclasses.replace(settings, method=m).estimate(shape) for m in methods]
+    advice = None
+    if budget is not None:
+        keys = (
+            "r",
+            "targets",
+            "compute_dtype",
+            "optimizer",
+            "blocksize",
+            "double_quant",
+            "lora_dropout",
+            "allocator",
+        )
+        common = {k: getattr(settings, k) for k in keys}
+        advice = advise(shape, budget, seq=settings.seq, methods=methods, **common)
+
+    print(
+        f"{args.model}: {shape.num_params() / 1e6:,.1f}M parameters ({shape.model_type}, {shape.num_layers} "
+        f"layers, hidden {shape.hidden_size}, vocab {shape.vocab_size})"
+    )
+    print(_describe(cfg, settings, shapes) + "\n")
+    print(_component_table(estimates, methods))
     print(
         "\n(Peak RSS counts clean pages of the mapped checkpoint file; the kernel can drop those, so only "
         "'Must fit in RAM' has to fit.)"
     )
-    if budget is not None:
-        advice = advise(shape, budget, seq=args.seq, methods=methods, **common)
-        print(f"\nWithin {format_bytes(budget)}:")
-        for m in advice.methods:
-            if not m.fits:
-                print(
-                    f"  {m.method:5s}  does not fit batch 1 x seq {args.seq}, even with gradient checkpointing"
-                )
-                continue
-            gc = "with" if m.grad_checkpointing else "without"
-            print(
-                f"  {m.method:5s}  batch up to {m.max_batch} at seq {args.seq}; seq up to {m.max_seq} at batch 1 "
-                f"({gc} gradient checkpointing; needs {format_bytes(m.peak_bytes)} at batch {m.max_batch})"
-            )
-        best = advice.recommended
-        print(f"  -> {'use ' + best.method if best else 'nothing fits: lower --seq or use a smaller model'}")
+    for note in notes:
+        print(f"note: {note}")
+    if advice is not None:
+        print("\n".join(_advice_lines(advice, settings.seq)))
     return 0
