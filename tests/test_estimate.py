@@ -23,6 +23,8 @@ from qlorakit.estimate import (
 from qlorakit.kernel_cache import KERNEL_BYTES, BatchShape, RunShapes, linear_kernels
 from qlorakit.memory import block_cache_bytes, requested_mode
 
+pytestmark = pytest.mark.dtype_sensitive
+
 LLAMA2_7B = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
