@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# qlorakit.memory needs only the standard library. qlorakit's model and training modules are imported
+# qlorakit.core.memory needs only the standard library. qlorakit's model and training modules are imported
 # where a qlorakit worker needs them, as the peers' libraries are: no worker carries another's modules.
-from qlorakit.memory import allocator_mode, configure_allocator, peak_rss_bytes
+from qlorakit.core.memory import allocator_mode, configure_allocator, peak_rss_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, DROPOUT, LR, CLIP = 16, 32, 0.05, 2e-4, 0.3

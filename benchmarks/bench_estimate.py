@@ -83,8 +83,8 @@ WORDS = [
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from qlorakit.model_shape import smollm2_gguf_path
-    from qlorakit.models import convert_gguf
+    from qlorakit.models.shape import smollm2_gguf_path
+    from qlorakit.models.resolve import convert_gguf
 
     return AutoTokenizer.from_pretrained(str(convert_gguf(smollm2_gguf_path(), name="smollm2-135m")))
 
@@ -203,8 +203,8 @@ def predict(model: str, overrides: list[str], tokenizer):
     the config's settings on this machine (compute dtype, allocator mode) over the batch shapes its data
     gives."""
     from qlorakit.config import load_config
-    from qlorakit.estimate import ModelShape, RunSettings
-    from qlorakit.run_shapes import run_shapes
+    from qlorakit.tools.estimate.estimate import ModelShape, RunSettings
+    from qlorakit.tools.estimate.run_shapes import run_shapes
     from qlorakit.train.recipe import SAMPLE_BATCH
 
     cfg = load_config(None, overrides)
@@ -252,7 +252,7 @@ def main() -> None:
 
     import torch
 
-    from qlorakit.memory import requested_mode
+    from qlorakit.core.memory import requested_mode
     from qlorakit.quant.linear import default_compute_dtype
 
     dtype_name = (

@@ -56,7 +56,7 @@ def print_rows(samples: dict[str, list[float]], reference: str | None, numel: in
 def measure_compile() -> None:
     """First compile into an empty cache, then a cached load, each in a fresh process."""
     probe = (
-        "import time; t = time.perf_counter(); from qlorakit import native; from qlorakit.quant import kernels; "
+        "import time; t = time.perf_counter(); from qlorakit.core import native; from qlorakit.quant import kernels; "
         "ok = kernels.available(); print(ok, kernels.isa(), native.load_seconds, time.perf_counter() - t)"
     )
     with tempfile.TemporaryDirectory() as cache:

@@ -8,10 +8,10 @@ projections, AdamW lr 2e-4, gradient clipping 0.3. Each (method, configuration) 
 Configurations, each with and without gradient checkpointing, in fp32 and in bf16 (`--dtype` pins one;
 `auto` is what qlorakit picks on this CPU, `QLORAKIT_CPU_BF16=0|1` forces that detection):
 - qlorakit with its fused output head + cross-entropy (the training loop's loss) in every allocator mode
-  qlorakit.memory offers (QLORAKIT_MALLOC_TUNING=<mode>, always set explicitly: `off` is glibc's default,
+  qlorakit.core.memory offers (QLORAKIT_MALLOC_TUNING=<mode>, always set explicitly: `off` is glibc's default,
   `mmap` a fixed 1 MiB mmap threshold, `cache` qlorakit's block cache for tensors), and with
   the model's own full-logits loss (`model(**batch).loss`) in qlorakit's default mode, so the fused head's
-  gain shows on its own. The default mode is asked of qlorakit.memory at run time and marked `*`;
+  gain shows on its own. The default mode is asked of qlorakit.core.memory at run time and marked `*`;
 - each peer with glibc's default allocator (`off`) and with the fixed threshold through glibc's environment
   (`mmap`: MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_). peft_lora: a dense base in the dtype;
   peft_bnb: NF4 + double quant with that compute dtype; torchao: NF4Tensor base + LoRA.
@@ -46,8 +46,8 @@ from pathlib import Path
 from _common import environment, print_environment
 from _train_report import check_first_losses, print_curves, print_headline, print_table, summarize
 from _train_worker import METHODS, TARGETS
-from qlorakit import memory
-from qlorakit.memory import DEFAULT_MMAP_THRESHOLD
+from qlorakit.core import memory
+from qlorakit.core.memory import DEFAULT_MMAP_THRESHOLD
 from qlorakit.quant.linear import default_compute_dtype
 
 # The projections (TARGETS, the layers every method quantizes) are random signs times 2^-6 (std 0.016,
@@ -121,12 +121,12 @@ def auto_dtype() -> str:
 
 
 _DEFAULT_MALLOC_PROBE = (
-    "from qlorakit import memory; memory.configure_allocator(); print(memory.allocator_mode())"
+    "from qlorakit.core import memory; memory.configure_allocator(); print(memory.allocator_mode())"
 )
 
 
 def qlorakit_default_malloc() -> str:
-    """The allocator mode a plain `qlorakit` run gets, asked of qlorakit.memory at run time.
+    """The allocator mode a plain `qlorakit` run gets, asked of qlorakit.core.memory at run time.
 
     The command line calls `configure_allocator()` at start-up; what that applies with
     QLORAKIT_MALLOC_TUNING unset is the default (including its fallbacks: off glibc nothing, without the
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"qlorakit default: dtype auto -> {auto} on this CPU (QLORAKIT_CPU_BF16="
         f"{os.environ.get('QLORAKIT_CPU_BF16', 'unset')}), allocator mode {default_malloc} of "
-        f"{'/'.join(memory.MODES)} (qlorakit.memory with QLORAKIT_MALLOC_TUNING unset), fused loss"
+        f"{'/'.join(memory.MODES)} (qlorakit.core.memory with QLORAKIT_MALLOC_TUNING unset), fused loss"
     )
     cfgs = configs(a.methods, dtypes, gcs, default_malloc)
     print(f"{len(cfgs)} configurations x {a.rounds} rounds, {a.threads} threads, batch {a.batch} x {a.seq}")

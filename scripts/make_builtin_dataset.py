@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.out} is up to date ({len(text.encode())} bytes)")
         return 0
-    from qlorakit.atomic import atomic_write_text
+    from qlorakit.core.atomic import atomic_write_text
 
     atomic_write_text(args.out, text)
     print(f"wrote {ROWS} rows ({len(text.encode())} bytes) to {args.out}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qlorakit.atomic import is_temporary
+from qlorakit.core.atomic import is_temporary
 
 
 def _mount_tmpfs(root: Path, options: str) -> bool:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from qlorakit.atomic import atomic_directory, atomic_write_json
+from qlorakit.core.atomic import atomic_directory, atomic_write_json
 
 
 def test_atomic_write_json_replaces_whole_file(tmp_path):

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
-from qlorakit.atomic import is_temporary
+from qlorakit.core.atomic import is_temporary
 from qlorakit.cli import main
 from qlorakit.config import DataConfig, DatasetSpec
 from qlorakit.data import build_datasets
-from qlorakit.errors import DataError
+from qlorakit.core.errors import DataError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ROWS = [
@@ -84,7 +84,7 @@ def test_target_modules_that_is_not_a_regex_is_a_config_error(setup, tmp_path, c
 
 def test_a_bad_regex_in_an_adapter_config_is_named_too(tiny_llama):
     from qlorakit.config import LoRAConfig
-    from qlorakit.errors import ConfigError
+    from qlorakit.core.errors import ConfigError
     from qlorakit.lora.inject import inject_lora
 
     with pytest.raises(ConfigError, match=r"lora.rank_pattern.\[q: '\[q' is not a valid regular expression"):
@@ -187,7 +187,7 @@ def test_max_new_tokens_beyond_the_context_is_capped_with_a_note(setup, capsys):
     import re
 
     from qlorakit.eval.generation import GenerationSettings, generate_ids, render_prompt
-    from qlorakit.models import load_model
+    from qlorakit.models.resolve import load_model
 
     code, _, err = run(capsys, "generate", str(setup / "model"), "--prompt", "hi", "--16bit",
                        "--max-new-tokens", "100000000")  # fmt: skip
@@ -205,7 +205,7 @@ def test_max_new_tokens_beyond_the_context_is_capped_with_a_note(setup, capsys):
 def test_a_4bit_folder_missing_a_quant_state_key_names_that_key(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from qlorakit.errors import CheckpointError
+    from qlorakit.core.errors import CheckpointError
     from qlorakit.quant.convert import quantize_model, save_quantized
     from qlorakit.quant.loading import load_quantized
 
@@ -256,7 +256,7 @@ def test_quantize_after_a_sigkill_removes_the_temporary_folder_it_left(setup, tm
     """A quantize killed while saving leaves `.<out>.qlorakit-<pid>-*.tmp`; the next run cleans it up."""
     out = tmp_path / "q4"
     code = (
-        "import os, signal, sys; from pathlib import Path; from qlorakit.atomic import make_temp_dir\n"
+        "import os, signal, sys; from pathlib import Path; from qlorakit.core.atomic import make_temp_dir\n"
         "tmp = make_temp_dir(Path(sys.argv[1]).parent, Path(sys.argv[1]).name)\n"
         "(tmp / 'model.safetensors').write_bytes(b'half a model')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny_llama
 from qlorakit.cli import main
 from qlorakit.eval.perplexity import builtin_eval_text, perplexity
-from qlorakit.models import load_model
+from qlorakit.models.resolve import load_model
 from qlorakit.quant.convert import quantized_layers
 from qlorakit.quant.loading import load_quantized
 

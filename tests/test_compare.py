@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.cli import main
-from qlorakit.compare import (
+from qlorakit.tools.compare import (
     PLOTS,
     REPORT,
     build_report,
@@ -25,8 +25,8 @@ from qlorakit.compare import (
     setting_differences,
     write_report,
 )
-from qlorakit.errors import CheckpointError
-from qlorakit.outputs import write_marker
+from qlorakit.core.errors import CheckpointError
+from qlorakit.core.outputs import write_marker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -158,7 +158,7 @@ def test_report_builder_on_synthetic_runs(tmp_path):
 
 def test_estimated_peak_uses_the_run_settings(tmp_path):
     from qlorakit.config import config_to_dict, load_config
-    from qlorakit.estimate import ModelShape, estimate_memory
+    from qlorakit.tools.estimate.estimate import ModelShape, estimate_memory
 
     make_tiny_llama(hidden_size=128, intermediate_size=256, vocab_size=1000).save_pretrained(tmp_path / "m")
     settings = ["--train.batch_size=3", "--data.max_length=96", "--lora.r=4", "--lora.dropout=0.1"]

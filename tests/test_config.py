@@ -1,7 +1,7 @@
 import pytest
 
 from qlorakit.config import Config, DatasetSpec, config_from_dict, config_to_dict, load_config
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError
 
 
 def test_defaults_are_qlora_reference_like():

@@ -10,8 +10,8 @@ import torch
 
 from conftest import make_tiny_llama
 from qlorakit.config import Config, load_config
-from qlorakit.errors import ConfigError
-from qlorakit.estimate import (
+from qlorakit.core.errors import ConfigError
+from qlorakit.tools.estimate.estimate import (
     ModelShape,
     RunSettings,
     advise,
@@ -20,8 +20,8 @@ from qlorakit.estimate import (
     parse_size,
     quantized_bytes,
 )
-from qlorakit.kernel_cache import KERNEL_BYTES, BatchShape, RunShapes, linear_kernels
-from qlorakit.memory import block_cache_bytes, requested_mode
+from qlorakit.tools.estimate.kernel_cache import KERNEL_BYTES, BatchShape, RunShapes, linear_kernels
+from qlorakit.core.memory import block_cache_bytes, requested_mode
 
 pytestmark = pytest.mark.dtype_sensitive
 
@@ -542,7 +542,7 @@ def test_cli_refuses_bad_options_before_printing_anything(tmp_path, capsys):
 
 def test_replayed_shapes_are_the_batches_the_training_loop_builds(tmp_path, tiny_tokenizer):
     from qlorakit.data import build_datasets
-    from qlorakit.run_shapes import run_shapes
+    from qlorakit.tools.estimate.run_shapes import run_shapes
     from qlorakit.train.distributed import DistContext
     from qlorakit.train.loop import _micro_batches
     from qlorakit.train.recipe import _collate_fn
@@ -627,7 +627,7 @@ def test_the_estimate_predicts_a_real_run_of_an_unseen_shape(tmp_path):
     estimate for that config, with this machine's compute dtype and allocator mode."""
     import subprocess
 
-    from qlorakit.run_shapes import run_shapes
+    from qlorakit.tools.estimate.run_shapes import run_shapes
     from qlorakit.train.recipe import SAMPLE_BATCH
 
     config, tokenizer = _unseen_run(tmp_path)

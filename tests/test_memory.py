@@ -11,15 +11,15 @@ import textwrap
 
 import pytest
 
-from qlorakit import native
-from qlorakit.errors import ConfigError
-from qlorakit.memory import block_cache_bytes, configure_allocator, requested_mode
+from qlorakit.core import native
+from qlorakit.core.errors import ConfigError
+from qlorakit.core.memory import block_cache_bytes, configure_allocator, requested_mode
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning targets glibc malloc")
 
 _PROBE = """
 import json, os, resource, torch
-from qlorakit.memory import allocator_mode, block_cache_stats, configure_allocator
+from qlorakit.core.memory import allocator_mode, block_cache_stats, configure_allocator
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 def faults():
@@ -100,7 +100,7 @@ def test_training_computes_the_same_with_every_allocator_mode():
     code = textwrap.dedent(
         """
         import json, torch
-        from qlorakit.memory import configure_allocator
+        from qlorakit.core.memory import configure_allocator
         configure_allocator()
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
@@ -151,10 +151,10 @@ def test_peak_rss_is_this_programs_own():
     """A child started from this (bigger) process reports its own peak, not the inherited one."""
     import torch
 
-    from qlorakit.memory import peak_rss_bytes
+    from qlorakit.core.memory import peak_rss_bytes
 
     ballast = torch.ones(64 << 20)  # 256 MB in this process
-    code = "from qlorakit.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from qlorakit.core.memory import peak_rss_bytes; print(peak_rss_bytes())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     child = int(out.stdout)
     assert 0 < child < peak_rss_bytes() - ballast.numel() * 4 // 2

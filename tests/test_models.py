@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from qlorakit import models
-from qlorakit.errors import ModelError
-from qlorakit.models import (
+from qlorakit.models import resolve as models
+from qlorakit.core.errors import ModelError
+from qlorakit.models.resolve import (
     DEFAULT_MODEL,
     PROVENANCE_FILE,
     BuiltinModel,
@@ -256,8 +256,8 @@ def test_unsupported_quantization_configs(tmp_path, tiny_model_dir):
 
 
 def test_corrupt_safetensors_is_a_checkpoint_error(tiny_model_dir):
-    from qlorakit.errors import CheckpointError
-    from qlorakit.models import load_model
+    from qlorakit.core.errors import CheckpointError
+    from qlorakit.models.resolve import load_model
 
     weights = tiny_model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

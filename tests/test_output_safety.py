@@ -1,4 +1,4 @@
-"""Nothing the user owns is ever lost: the one output rule (`qlorakit.outputs`) through every writer.
+"""Nothing the user owns is ever lost: the one output rule (`qlorakit.core.outputs`) through every writer.
 
 The writer cases run the real CLI (`qlorakit.cli.main`) on a tiny model in a temporary folder, snapshot
 the bytes of every file there before and after, and assert the rule: either the command refused with exit
@@ -27,7 +27,7 @@ import _filesystems
 from _filesystems import snapshot, temporaries
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.cli import main
-from qlorakit.outputs import own_file_command, read_marker
+from qlorakit.core.outputs import own_file_command, read_marker
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -170,7 +170,7 @@ def expected_status(writer: str, target: str, overwrite: bool) -> int:
 def make_own_output(writer: str, sb: Sandbox, out: Path, capsys) -> None:
     """The writer's earlier output at `out` (compare: the folder an earlier compare leaves, without training)."""
     if writer == "compare":
-        from qlorakit.outputs import write_marker
+        from qlorakit.core.outputs import write_marker
 
         (out / "lora16").mkdir(parents=True)
         (out / "lora16" / "metrics.jsonl").write_text("")
@@ -251,7 +251,7 @@ def test_too_little_free_space_is_refused_before_loading(tmp_path, assets, small
 
 
 def test_disk_full_during_a_gguf_export_names_the_size_needed(tmp_path, assets, small_disk, capsys):
-    from qlorakit.models import estimated_bytes
+    from qlorakit.models.shape import estimated_bytes
 
     sb = make_sandbox(tmp_path, assets)
     assert main(["export", str(sb.model), "--format", "gguf", "--out", str(tmp_path / "probe.gguf")]) == 0

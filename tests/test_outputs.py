@@ -1,4 +1,4 @@
-"""The one output rule (`qlorakit.outputs`) on plain folders and files, without a model: what each kind of
+"""The one output rule (`qlorakit.core.outputs`) on plain folders and files, without a model: what each kind of
 target gets, stale temporaries of killed writers, read-only locations and a disk that fills up."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 
 import _filesystems
 from _filesystems import temporaries
-from qlorakit.atomic import make_temp_dir
-from qlorakit.outputs import (
+from qlorakit.core.atomic import make_temp_dir
+from qlorakit.core.outputs import (
     MARKER,
     OutputError,
     check_output,
@@ -53,7 +53,7 @@ def test_a_folder_filled_in_place_tolerates_the_users_files_once_it_is_ours(tmp_
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match=r"notes.txt.*to write into it"):
         check_output(folder, command="train", mode="update")
-    from qlorakit.outputs import claim_folder
+    from qlorakit.core.outputs import claim_folder
 
     claim_folder(check_output(folder, command="train", mode="update", overwrite=True), ["metrics.jsonl"])
     check_output(folder, command="train", mode="update")  # now it is train's: resumes write into it
@@ -85,7 +85,7 @@ def test_files_and_folders_never_replace_each_other(tmp_path):
 
 
 def test_own_files_are_recognised_by_their_signature(tmp_path):
-    from qlorakit.outputs import json_signature
+    from qlorakit.core.outputs import json_signature
 
     target = tmp_path / "report.json"
     target.write_text(json.dumps({"results": []}))
@@ -102,7 +102,7 @@ def test_own_files_are_recognised_by_their_signature(tmp_path):
 def test_stale_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
     """A writer SIGKILLed mid-write leaves `.out.qlorakit-PID-*.tmp`; the next check of `out` removes it."""
     code = (
-        "import os, signal, sys; from pathlib import Path; from qlorakit.atomic import make_temp_dir\n"
+        "import os, signal, sys; from pathlib import Path; from qlorakit.core.atomic import make_temp_dir\n"
         "tmp = make_temp_dir(Path(sys.argv[1]), 'out'); (tmp / 'model.safetensors').write_bytes(b'half')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )

@@ -11,8 +11,8 @@ import importlib
 import re
 import sys
 
-from qlorakit.errors import QLoraKitError
-from qlorakit.memory import configure_allocator
+from qlorakit.core.errors import QLoraKitError
+from qlorakit.core.memory import configure_allocator
 
 #: Commands that compute nothing with tensors: no allocator set-up (it may compile the C++ library).
 _NO_TENSORS = frozenset({"estimate"})
@@ -86,7 +86,7 @@ def _run(argv: list[str]) -> int:
     if overrides:
         args.overrides = overrides
     if args.command not in _NO_TENSORS:
-        configure_allocator()  # freed tensors leave the resident set, without a fault per tensor (qlorakit.memory)
+        configure_allocator()  # freed tensors leave the resident set, without a fault per tensor (qlorakit.core.memory)
     try:
         return int(args.func(args) or 0)
     except QLoraKitError as exc:

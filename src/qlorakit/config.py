@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

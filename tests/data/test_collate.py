@@ -9,7 +9,7 @@ from conftest import make_tiny_llama
 from qlorakit.data import IGNORE_INDEX, Example, block_causal_mask, collate, pack_examples, render_record
 from qlorakit.data.collate import segment_ids
 from qlorakit.data.formats import Message, Record
-from qlorakit.errors import DataError
+from qlorakit.core.errors import DataError
 
 ROWS = [
     ("Reverse the word.\n\nhello", "olleh"),

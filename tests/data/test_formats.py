@@ -11,7 +11,7 @@ import pytest
 
 from qlorakit.config import DatasetSpec
 from qlorakit.data import Message, builtin_path, load_records
-from qlorakit.errors import DataError
+from qlorakit.core.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qlorakit.config import LoRAConfig
-from qlorakit.errors import ConfigError, DataError
+from qlorakit.core.errors import ConfigError, DataError
 from qlorakit.eval.evaluate import evaluate, masked_nll, response_loss
 
 ROWS = [

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.config import LoRAConfig, QuantConfig
-from qlorakit.errors import ConfigError, ModelError
+from qlorakit.core.errors import ConfigError, ModelError
 from qlorakit.eval.generation import (
     AdapterServer,
     GenerationSettings,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qlorakit.errors import DataError, DependencyError
+from qlorakit.core.errors import DataError, DependencyError
 from qlorakit.eval.metrics import bleu, exact_match, generation_metrics, normalize_text, rouge_l
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_llama
-from qlorakit.errors import ConfigError, DataError
+from qlorakit.core.errors import ConfigError, DataError
 from qlorakit.eval.perplexity import builtin_eval_text, perplexity, plan_windows
 
 TEXT = (

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
 
 from conftest import make_tiny_llama
-from qlorakit.errors import FormatError
+from qlorakit.core.errors import FormatError
 from qlorakit.export.gguf import SUPPORTED_ARCHITECTURES, export_gguf, llama3_rope_factors, permute_qk
 
 TEXT = "Hello, how are you? The quick brown fox jumps over the lazy dog. 0123 <|im_start|>user\nhi<|im_end|>"

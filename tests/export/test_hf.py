@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError
 from qlorakit.export.hf import ShardWriter, export_hf, parse_dtype, parse_size, write_hf_files
 
 
@@ -105,7 +105,7 @@ def test_shard_writer_rejects_duplicate_names(tmp_path):
 
 
 def test_failure_midway_leaves_no_folder(tmp_path, tiny_tokenizer):
-    from qlorakit.atomic import atomic_directory
+    from qlorakit.core.atomic import atomic_directory
 
     model = make_tiny_llama()
     out = tmp_path / "never"

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama
 from qlorakit.config import LoRAConfig, QuantConfig
-from qlorakit.errors import CheckpointError, ConfigError, FormatError
+from qlorakit.core.errors import CheckpointError, ConfigError, FormatError
 from qlorakit.export.merge import merge_adapter, merge_lora_weight, sample_inputs
-from qlorakit.outputs import OutputError
+from qlorakit.core.outputs import OutputError
 
 FP32 = QuantConfig(compute_dtype="float32")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlorakit import native
+from qlorakit.core import native
 from qlorakit.lora import dropout as d
 
 needs_kernels = pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
@@ -138,7 +138,7 @@ def test_dropout_matches_masked_scaling_and_handles_strided_and_empty_inputs():
 def test_without_kernels_the_masks_are_the_same():
     """QLORAKIT_NO_KERNELS=1 (or no compiler) uses the reference: identical masks and outputs."""
     code = (
-        "import torch; from qlorakit import native; from qlorakit.lora import dropout as d;"
+        "import torch; from qlorakit.core import native; from qlorakit.lora import dropout as d;"
         "torch.manual_seed(4); print(native.available(), d.keep_bits(d.draw_seed(), 1000, 0.3).tolist())"
     )
     out = subprocess.run(

@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import make_tiny_llama
 from qlorakit.config import LoRAConfig
-from qlorakit.errors import ConfigError, ModelError
+from qlorakit.core.errors import ConfigError, ModelError
 from qlorakit.lora import (
     LoRALinear,
     ModulesToSaveWrapper,

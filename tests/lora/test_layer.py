@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from qlorakit.errors import ConfigError, ModelError, QuantizationError
+from qlorakit.core.errors import ConfigError, ModelError, QuantizationError
 from qlorakit.lora.dora import dora_weight_norm
 from qlorakit.lora.dropout import draw_seed, keep_mask_reference
 from qlorakit.lora.layer import LoRALinear, delta_weight, init_lora_weights, lora_scaling

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from conftest import make_tiny_llama
 from qlorakit.config import LoRAConfig
-from qlorakit.errors import CheckpointError, ConfigError, FormatError, ModelError
+from qlorakit.core.errors import CheckpointError, ConfigError, FormatError, ModelError
 from qlorakit.lora import inject_lora, load_adapter, lora_layers, read_adapter_config, save_adapter
 from qlorakit.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 

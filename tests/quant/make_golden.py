@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qlorakit.atomic import atomic_save_safetensors
+from qlorakit.core.atomic import atomic_save_safetensors
 
 GOLDEN = Path(__file__).with_name("golden")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qlorakit.errors import QuantizationError
+from qlorakit.core.errors import QuantizationError
 from qlorakit.quant import FP4_CODE, NF4_CODE, dynamic_map, get_code
 from qlorakit.quant.codes import quantize_bounds
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import bnb_reference_logits, make_tiny_llama
-from qlorakit.errors import CheckpointError, QuantizationError
+from qlorakit.core.errors import CheckpointError, QuantizationError
 from qlorakit.quant.blockwise import dequantize_4bit, quantize_4bit
 from qlorakit.quant.convert import (
     bnb_quantization_config,

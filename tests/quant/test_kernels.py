@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlorakit.errors import QuantizationError
+from qlorakit.core.errors import QuantizationError
 from qlorakit.quant import kernels
 from qlorakit.quant.blockwise import dequantize_blocks_reference, quantize_blocks_reference
 from qlorakit.quant.codes import FP4_CODE, NF4_CODE, get_code

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qlorakit.errors import QuantizationError
+from qlorakit.core.errors import QuantizationError
 from qlorakit.quant import linear as linear_mod
 from qlorakit.quant.blockwise import dequantize_4bit
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_llama
 from qlorakit.config import QuantConfig
-from qlorakit.errors import QuantizationError
-from qlorakit.models import load_model
+from qlorakit.core.errors import QuantizationError
+from qlorakit.models.resolve import load_model
 from qlorakit.quant.convert import quantize_model_as, save_quantized
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.loading import load_quantizing
@@ -112,9 +112,9 @@ _PEAK = """
 import os, sys, torch
 import transformers, transformers.models.llama.modeling_llama  # imported before the baseline
 from qlorakit.config import QuantConfig
-from qlorakit.models import load_model
+from qlorakit.models.resolve import load_model
 from qlorakit.quant import convert, loading
-from qlorakit.memory import configure_allocator
+from qlorakit.core.memory import configure_allocator
 configure_allocator()  # as the command line does: freed tensors leave the resident set
 def status(field):  # KiB; VmHWM is this process's own peak (ru_maxrss would include the forking parent's)
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from qlorakit.atomic import atomic_save_safetensors
-from qlorakit.errors import CheckpointError, QuantizationError
+from qlorakit.core.atomic import atomic_save_safetensors
+from qlorakit.core.errors import CheckpointError, QuantizationError
 from qlorakit.quant import (
     NF4_CODE,
     NestedState,

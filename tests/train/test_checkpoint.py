@@ -9,7 +9,7 @@ import torch
 from _tinytrain import SINGLE, run_tiny, tiny_lora_model, trainable_state
 
 from qlorakit.config import TrainConfig
-from qlorakit.errors import CheckpointError
+from qlorakit.core.errors import CheckpointError
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.loop import restore_rng, restore_training_state
 from qlorakit.train.optim import build_optimizer, trainable_named_parameters

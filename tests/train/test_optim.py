@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qlorakit.config import TrainConfig
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError
 from qlorakit.train.optim import build_optimizer, lr_at, steps_per_epoch, total_steps
 from qlorakit.train.sampler import BatchOrder, epoch_permutation
 

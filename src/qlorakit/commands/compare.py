@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qlorakit.errors import ConfigError, QLoraKitError
-from qlorakit.outputs import OutputPlan, check_output, claim_folder, disk_errors
+from qlorakit.core.errors import ConfigError, QLoraKitError
+from qlorakit.core.outputs import OutputPlan, check_output, claim_folder, disk_errors
 
 # (folder name, report label, quant.enabled)
 RUNS = (("lora16", "16-bit LoRA", False), ("qlora", "QLoRA", True))
@@ -104,14 +104,14 @@ def _auto_dtype() -> str:
     """What `quant.compute_dtype: auto` means for a single-process run on this machine."""
     import torch
 
-    from qlorakit.train.recipe import resolve_compute_dtype
+    from qlorakit.models.load import resolve_compute_dtype
 
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     return str(resolve_compute_dtype("auto", device)).removeprefix("torch.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.compare import PLOTS, REPORT, conclusion, read_run, require_matplotlib, write_report
+    from qlorakit.tools.compare import PLOTS, REPORT, conclusion, read_run, require_matplotlib, write_report
 
     overrides = list(args.overrides)
     plan = _check(args.config, overrides, Path(args.out) if args.out else None, args.overwrite)

@@ -20,12 +20,14 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlorakit.errors import ConfigError, ModelError
+from qlorakit.core.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # the modules themselves are imported in `run`: `qlorakit --help` stays fast
     from qlorakit.config import Config
-    from qlorakit.estimate import Advice, MemoryEstimate, ModelShape, RunSettings
-    from qlorakit.kernel_cache import RunShapes
+    from qlorakit.models.shape import ModelShape
+    from qlorakit.tools.estimate.advice import Advice, RunSettings
+    from qlorakit.tools.estimate.kernel_cache import RunShapes
+    from qlorakit.tools.estimate.memory import MemoryEstimate
 
 _ROWS = (
     ("weights", "Weights"),
@@ -111,13 +113,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _check_options(args: argparse.Namespace) -> tuple[int | None, list[str]]:
     """(the budget in bytes, the explicit options as config overrides, applied last so they win);
     one ConfigError naming every bad option."""
-    from qlorakit.estimate import dtype_name, parse_size
+    from qlorakit.core.dtypes import dtype_name, parse_size
 
     budget = None
     errors = []
     if args.budget is not None:
         try:
-            budget = parse_size(args.budget)
+            budget = parse_size(args.budget, "memory size")
         except ConfigError as exc:
             errors.append(f"--budget: {exc}")
     errors += [
@@ -165,8 +167,7 @@ def _check_options(args: argparse.Namespace) -> tuple[int | None, list[str]]:
 def _load(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, ModelShape, bool]:
     """(the run's config with every override, the model's shape, whether a YAML was given)."""
     from qlorakit.config import config_from_dict, load_config
-    from qlorakit.estimate import ModelShape
-    from qlorakit.model_shape import model_source
+    from qlorakit.models.shape import ModelShape, model_source
 
     if Path(args.model).suffix in (".yaml", ".yml"):
         cfg = load_config(args.model, overrides)
@@ -177,7 +178,7 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, Model
 
 def _shapes(cfg: Config, source: str, notes: list[str]) -> RunShapes | None:
     """The run's batch shapes replayed from its data; None (with a note) when the tokenizer is missing."""
-    from qlorakit.run_shapes import load_tokenizer, run_shapes
+    from qlorakit.tools.estimate.run_shapes import load_tokenizer, run_shapes
     from qlorakit.train.recipe import SAMPLE_BATCH
 
     try:
@@ -220,7 +221,7 @@ def _describe(cfg: Config, s: RunSettings, shapes: RunShapes | None) -> str:
 
 
 def _advice_lines(advice: Advice, seq: int) -> list[str]:
-    from qlorakit.estimate import format_bytes
+    from qlorakit.core.dtypes import format_bytes
 
     lines = [f"\nWithin {format_bytes(advice.budget_bytes)}:"]
     for m in advice.methods:
@@ -252,7 +253,7 @@ def _unmodeled(cfg: Config) -> list[str]:
 
 
 def _component_table(estimates: list[MemoryEstimate], methods: tuple[str, ...]) -> str:
-    from qlorakit.estimate import format_bytes
+    from qlorakit.core.dtypes import format_bytes
 
     rows = [[label, *(format_bytes(e.components[key]) for e in estimates)] for key, label in _ROWS]
     rows.append(["Trainable parameters", *(f"{e.trainable_params / 1e6:,.2f}M" for e in estimates)])
@@ -263,8 +264,9 @@ def _component_table(estimates: list[MemoryEstimate], methods: tuple[str, ...]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.estimate import METHODS, RunSettings, advise
-    from qlorakit.model_shape import model_source
+    from qlorakit.models.shape import model_source
+    from qlorakit.tools.estimate.advice import RunSettings, advise
+    from qlorakit.tools.estimate.memory import METHODS
 
     # everything is read and checked before the first line is printed
     budget, flag_overrides = _check_options(args)

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_export_args(model: str, fmt: str, dtype: str | None) -> str | None:
     """Validate the format/dtype pair and the input kind before anything is loaded; return the dtype."""
-    from qlorakit.errors import ConfigError
+    from qlorakit.core.errors import ConfigError
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; supported formats: {', '.join(FORMATS)}")
@@ -59,9 +59,9 @@ def check_export_args(model: str, fmt: str, dtype: str | None) -> str | None:
 
 def export_gguf_checked(model: str, out: Path, dtype: str, overwrite: bool = False) -> Path:
     """Export a 16-bit HF folder to GGUF, pointing 4-bit and non-folder inputs to the right command."""
-    from qlorakit.errors import ConfigError
+    from qlorakit.core.errors import ConfigError
     from qlorakit.export.gguf import export_gguf
-    from qlorakit.models import is_quantized_folder, resolve_model_path
+    from qlorakit.models.resolve import is_quantized_folder, resolve_model_path
 
     source = resolve_model_path(model)
     if source.is_file():
@@ -78,9 +78,9 @@ def export_gguf_checked(model: str, out: Path, dtype: str, overwrite: bool = Fal
 
 def export_bnb4(model: str, out: Path, overwrite: bool = False) -> None:
     """Quantize (or re-save) a model as a 4-bit folder; the output is checked before the model is read."""
-    from qlorakit.eval.generation import load_base
-    from qlorakit.models import estimated_bytes
-    from qlorakit.outputs import check_output
+    from qlorakit.core.outputs import check_output
+    from qlorakit.models.load import load_base
+    from qlorakit.models.shape import estimated_bytes
     from qlorakit.quant.convert import save_quantized
 
     need = estimated_bytes(model, 0.5)

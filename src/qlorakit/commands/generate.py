@@ -60,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def open_server(args: argparse.Namespace):
     """An AdapterServer for the command's model and adapters, and the adapter to start with."""
-    from qlorakit.errors import ConfigError
-    from qlorakit.eval.generation import AdapterServer, parse_adapter_specs
+    from qlorakit.core.errors import ConfigError
+    from qlorakit.eval.serving import AdapterServer
+    from qlorakit.models.load import parse_adapter_specs
 
     adapters = parse_adapter_specs(args.adapter)
     if args.adapter_name is not None and args.adapter_name not in adapters:

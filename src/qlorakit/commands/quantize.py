@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from qlorakit.errors import ConfigError
-from qlorakit.models import estimated_bytes
-from qlorakit.outputs import OutputError, OutputPlan, check_output
+from qlorakit.core.errors import ConfigError
+from qlorakit.core.outputs import OutputError, OutputPlan, check_output
+from qlorakit.models.shape import estimated_bytes
 
 COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -41,7 +41,7 @@ class QuantizeArgs:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from qlorakit.models import DEFAULT_MODEL
+    from qlorakit.models.resolve import DEFAULT_MODEL
 
     parser = subparsers.add_parser(
         "quantize",
@@ -110,7 +110,7 @@ def parse_args(args: argparse.Namespace) -> QuantizeArgs:
         problems.append(f"--max-length {args.max_length} must be at least 2")
     out = Path(args.out)
     plan = None
-    try:  # the output rule of qlorakit.outputs, before anything is loaded
+    try:  # the output rule of qlorakit.core.outputs, before anything is loaded
         need = estimated_bytes(args.model, 0.5)  # 4 bits per weight; a lower bound, so never a false alarm
         plan = check_output(
             out, command="quantize", inputs=[args.model], overwrite=args.overwrite, need_bytes=need
@@ -142,7 +142,7 @@ def _folder_bytes(folder: Path) -> int:
 def quantize_command(opts: QuantizeArgs) -> str:
     """Load, measure, quantize, measure, save; returns the report text."""
     from qlorakit.eval.perplexity import builtin_eval_text, perplexity
-    from qlorakit.models import is_quantized_folder, load_model, resolve_model_path
+    from qlorakit.models.resolve import is_quantized_folder, load_model, resolve_model_path
     from qlorakit.quant.convert import quantize_model, save_quantized
     from qlorakit.quant.report import format_bytes, format_report
 

@@ -80,7 +80,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qlorakit.config import load_config
-    from qlorakit.outputs import OutputPlan, disk_errors
+    from qlorakit.core.outputs import OutputPlan, disk_errors
     from qlorakit.train.recipe import run_training
 
     overrides = list(args.overrides)

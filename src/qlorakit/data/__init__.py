@@ -2,7 +2,7 @@
 
 from qlorakit.data.build import DataBundle, DatasetStats, DataStats, build_datasets, check_datasets
 from qlorakit.data.collate import block_causal_mask, collate, pack_examples
-from qlorakit.data.formats import LoadResult, Message, Record, builtin_path, load_records
+from qlorakit.data.formats import LoadResult, Message, Record, builtin_path, load_records, reference_answer
 from qlorakit.data.render import IGNORE_INDEX, Example, prompt_ids, render_record, resolve_template
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "load_records",
     "pack_examples",
     "prompt_ids",
+    "reference_answer",
     "render_record",
     "resolve_template",
 ]

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlorakit.config import DataConfig, DatasetSpec
+from qlorakit.core.errors import DataError
 from qlorakit.data.collate import pack_examples
 from qlorakit.data.formats import BUILTIN, LoadResult, Record, load_records
 from qlorakit.data.render import IGNORE_INDEX, Example, apply_length_policy, render_tokens, resolve_template
-from qlorakit.errors import DataError
 
 
 @dataclass

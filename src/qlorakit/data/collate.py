@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from qlorakit.core.errors import DataError
 from qlorakit.data.render import IGNORE_INDEX, Example
-from qlorakit.errors import DataError
 
 
 def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.config import DatasetSpec
-from qlorakit.errors import DataError
+from qlorakit.core.errors import DataError
 
 BUILTIN = "builtin"
 FORMATS = ("alpaca", "chat", "sharegpt", "text")
@@ -54,6 +54,13 @@ class Record:
     text: str | None
     source: str
     instruction_input: tuple[str, str] | None = None
+
+
+def reference_answer(record: Record) -> str | None:
+    """The last assistant message of a conversation record, or None (text rows have no reference)."""
+    if record.messages and record.messages[-1].role == "assistant":
+        return record.messages[-1].content
+    return None
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from qlorakit.core.errors import DataError
 from qlorakit.data.formats import Message, Record
-from qlorakit.errors import DataError
 
 IGNORE_INDEX = -100
 Template = Literal["auto", "chat", "alpaca", "text"]

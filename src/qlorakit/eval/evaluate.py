@@ -21,30 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlorakit.config import QuantConfig
-from qlorakit.errors import ConfigError, DataError
+from qlorakit.config import DatasetSpec, QuantConfig
+from qlorakit.core.errors import ConfigError, DataError
+from qlorakit.core.outputs import OutputPlan, check_output, json_signature, output_file
+from qlorakit.data import Example, Record, collate, load_records, prompt_ids, reference_answer, render_record
 from qlorakit.eval.generation import GenerationSettings, generate_ids
-from qlorakit.outputs import OutputPlan, check_output, json_signature, output_file
-
-# ---------------------------------------------------------------------------------------------------------
-# Pure maths
-
-
-def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over positions whose label is not -100, and how many there are.
-
-    logits [B, T, V] (position t predicts token t+1), labels [B, T] aligned with the input ids.
-    Returns (fp64 scalar sum, count), so batches combine into a token-weighted mean.
-    """
-    shifted = labels[:, 1:]
-    keep = shifted != -100
-    count = int(keep.sum())
-    if count == 0:
-        return torch.zeros((), dtype=torch.float64), 0
-    picked = logits[:, :-1][keep].float()  # [N, V]
-    nll = torch.nn.functional.cross_entropy(picked, shifted[keep], reduction="sum")
-    return nll.double().cpu(), count
-
+from qlorakit.eval.metrics import generation_metrics
+from qlorakit.lora.inject import disable_adapters
+from qlorakit.lora.peft_format import load_adapter
+from qlorakit.loss import next_token_nll
+from qlorakit.models.decode import pad_token_id
+from qlorakit.models.load import adapter_quant_config, load_base
 
 # ---------------------------------------------------------------------------------------------------------
 # One evaluation pass
@@ -69,11 +56,9 @@ class EvalResult:
 
 @torch.no_grad()
 def response_loss(
-    model: nn.Module, examples: Sequence[Any], pad_id: int, batch_size: int = 4
+    model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 4
 ) -> tuple[float, int]:
     """(mean NLL per response token, tokens) of rendered `Example`s under `model`."""
-    from qlorakit.data import collate
-
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64)
     count = 0
@@ -82,7 +67,7 @@ def response_loss(
         logits = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits
-        nll, n = masked_nll(logits, batch["labels"].to(device))
+        nll, n = next_token_nll(logits, batch["labels"].to(device))
         total += nll
         count += n
     if count == 0:
@@ -90,19 +75,10 @@ def response_loss(
     return float(total / count), count
 
 
-def reference_answer(record: Any) -> str | None:
-    """The last assistant message of a conversation record, or None (text rows have no reference)."""
-    if record.messages and record.messages[-1].role == "assistant":
-        return record.messages[-1].content
-    return None
-
-
 def predict(
-    model: nn.Module, tokenizer: Any, records: Sequence[Any], template: str, settings: GenerationSettings
+    model: nn.Module, tokenizer: Any, records: Sequence[Record], template: str, settings: GenerationSettings
 ) -> list[str]:
     """Greedy completions of each record's prompt (its conversation without the final answer)."""
-    from qlorakit.data import prompt_ids
-
     out = []
     for record in records:
         new = generate_ids(model, tokenizer, prompt_ids(record, tokenizer, template), settings)
@@ -113,8 +89,8 @@ def predict(
 def evaluate_pass(
     model: nn.Module,
     tokenizer: Any,
-    examples: Sequence[Any],
-    records: Sequence[Any],
+    examples: Sequence[Example],
+    records: Sequence[Record],
     *,
     label: str,
     template: str,
@@ -122,11 +98,8 @@ def evaluate_pass(
     samples: int = 3,
 ) -> EvalResult:
     """Loss/perplexity over `examples` and generation metrics over the `records` that have answers."""
-    from qlorakit.eval.metrics import generation_metrics
-
     start = time.perf_counter()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss, tokens = response_loss(model, examples, pad_id if pad_id is not None else 0)
+    loss, tokens = response_loss(model, examples, pad_token_id(tokenizer))
     answered = [r for r in records if reference_answer(r) is not None]
     references = [reference_answer(r) for r in answered]
     predictions = predict(model, tokenizer, answered, template, settings) if answered else []
@@ -179,11 +152,8 @@ def _fmt(value: float | int) -> str:
 
 def load_eval_records(
     data: str | Path, *, fmt: str = "auto", limit: int | None = None
-) -> tuple[list[Any], int]:
+) -> tuple[list[Record], int]:
     """The dataset's records (the first `limit`) and how many invalid rows were skipped."""
-    from qlorakit.config import DatasetSpec
-    from qlorakit.data import load_records
-
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive number of rows, got {limit}")
     loaded = load_records(DatasetSpec(path=str(data), format=fmt))
@@ -212,13 +182,9 @@ def evaluate(
     """Evaluate `model_spec` (+ `adapter`) on `data`; write the report as JSON to `out` (atomically).
 
     The 4-bit base is built with `quant`, by default the settings saved with the adapter by training.
-    `out` follows the output rule of `qlorakit.outputs`, checked before the model is loaded: it replaces
+    `out` follows the output rule of `qlorakit.core.outputs`, checked before the model is loaded: it replaces
     only a report eval wrote, or any file with `overwrite`; never an input.
     """
-    from qlorakit.data import render_record
-    from qlorakit.eval.generation import adapter_quant_config, load_base
-    from qlorakit.lora.peft_format import load_adapter
-
     if compare_base and adapter is None:
         raise ConfigError("--compare-base needs an --adapter to compare the base with")
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
@@ -254,15 +220,13 @@ def evaluate(
 def _evaluate_passes(
     model: nn.Module,
     tokenizer: Any,
-    kept: list[tuple[Any, Any]],
+    kept: list[tuple[Record, Example]],
     labels: Sequence[str],
     *,
     template: str,
     settings: GenerationSettings,
 ) -> list[EvalResult]:
     """One `evaluate_pass` per label: `base` with the adapters off (no reload), `adapted` as loaded."""
-    from qlorakit.lora.inject import disable_adapters
-
     records, examples = [r for r, _ in kept], [ex for _, ex in kept]
     results = []
     for label in labels:
@@ -278,7 +242,7 @@ def _evaluate_passes(
 def check_report_path(
     out: str | Path | None, inputs: list[str | Path | None], overwrite: bool
 ) -> OutputPlan | None:
-    """`out` under the output rule of `qlorakit.outputs` (None without one), before any model is loaded."""
+    """`out` under the output rule of `qlorakit.core.outputs` (None without one), before any model is loaded."""
     if out is None:
         return None
     return check_output(out, command="eval", kind="file", inputs=inputs, overwrite=overwrite, suffix=".json")

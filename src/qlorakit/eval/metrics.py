@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from qlorakit.errors import DataError, DependencyError
+from qlorakit.core.errors import DataError, DependencyError
 
 References = Sequence[str] | Sequence[Sequence[str]]
 _SPACES = re.compile(r"\s+")

@@ -16,10 +16,11 @@ from importlib import resources
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qlorakit.errors import ConfigError, DataError
+from qlorakit.core.errors import ConfigError, DataError
+from qlorakit.data import IGNORE_INDEX
+from qlorakit.loss import token_loss_sum
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,9 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor, score_from: int) -> tupl
     logits: [T, vocab] for window tokens `ids` [T]; position p's logits predict token p+1.
     Returns (fp32 scalar sum, number of scored tokens).
     """
-    targets = ids[score_from:]
-    log_probs = F.log_softmax(logits[score_from - 1 : -1].float(), dim=-1)
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return nll.sum(), targets.numel()
+    labels = ids.clone()
+    labels[:score_from] = IGNORE_INDEX  # the context: seen, not scored
+    return token_loss_sum(logits[None], labels[None]), ids.numel() - score_from
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -12,7 +12,7 @@ What makes the file llama.cpp's:
 
 Tensors are streamed one at a time from the safetensors files: the header and tensor table are written
 from shapes alone, then each tensor is read, converted and appended. The file is written beside the
-target and renamed into place (`qlorakit.outputs.output_file`), so a failed export leaves any earlier file
+target and renamed into place (`qlorakit.core.outputs.output_file`), so a failed export leaves any earlier file
 untouched; the key `qlorakit.output` marks the file as this command's, the only kind it replaces unasked.
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlorakit.errors import FormatError
-from qlorakit.models import estimated_bytes
-from qlorakit.outputs import GGUF_SIGNATURE, check_output, output_file
+from qlorakit.core.errors import FormatError
+from qlorakit.core.outputs import GGUF_SIGNATURE, check_output, output_file
+from qlorakit.models.shape import estimated_bytes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 DTYPES = ("f16", "bf16", "q8_0", "f32")
@@ -350,7 +350,7 @@ def export_gguf(
     """Write the Llama folder `model_dir` (config.json, safetensors, tokenizer.json) as the GGUF `out_file`.
 
     `dtype`: f16 (default), bf16, q8_0 or f32 for the 2-D weights; norms and 1-D tensors are f32.
-    `out_file` follows the output rule of `qlorakit.outputs`: it replaces only a GGUF this command wrote
+    `out_file` follows the output rule of `qlorakit.core.outputs`: it replaces only a GGUF this command wrote
     (its `qlorakit.output` key), or any file with `overwrite`; never a folder or the input.
     """
     import gguf

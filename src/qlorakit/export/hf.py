@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,56 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlorakit.errors import ConfigError, ModelError
-from qlorakit.models import estimated_bytes
-from qlorakit.outputs import check_output, output_folder
+from qlorakit.config import QuantConfig
+from qlorakit.core.dtypes import parse_dtype, parse_size
+from qlorakit.core.errors import ModelError
+from qlorakit.core.outputs import check_output, output_folder
+from qlorakit.lora.layer import LoRALinear, base_weight, merge_lora_weight
+from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
+from qlorakit.models.load import load_base
+from qlorakit.models.shape import estimated_bytes
+from qlorakit.quant.linear import Linear4bit
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-"""Output dtypes of a dense export, by their command-line names."""
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_size(size: int | str) -> int:
-    """`"2GB"` -> 2_000_000_000, `"500MiB"` -> 524_288_000, `"12345"`/12345 -> 12345 (bytes).
-
-    Decimal units (KB, MB, GB) are powers of ten and binary ones (KiB, MiB, GiB) powers of two, as in
-    transformers' `max_shard_size`.
-    """
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
-        unit = match.group(2).upper() if match else None
-        if match is None or unit not in _UNITS:
-            raise ConfigError(
-                f"max shard size {size!r}: expected a byte count with an optional unit "
-                "(e.g. 2GB, 500MB, 1GiB, 100000)"
-            )
-        value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ConfigError(f"max shard size {size!r}: must be a positive number of bytes")
-    return value
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """`"bf16"|"fp16"|"fp32"` (or the torch names) -> torch dtype; anything else is a ConfigError."""
-    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-    key = aliases.get(name, name)
-    if key not in DTYPES:
-        raise ConfigError(f"dtype {name!r}: must be one of {', '.join(DTYPES)}")
-    return DTYPES[key]
+DTYPES = ("bf16", "fp16", "fp32")
+"""Output dtypes of a dense export, by their command-line names (read with `qlorakit.core.dtypes.parse_dtype`)."""
 
 
 @dataclass
@@ -174,9 +135,9 @@ def write_hf_files(
     """Write a loadable HF model folder into `folder` (an existing, usually temporary, folder).
 
     `tensors` is consumed lazily: each tensor may be freed by its producer once it has been added.
-    Callers make the folder atomic with `qlorakit.outputs.output_folder`.
+    Callers make the folder atomic with `qlorakit.core.outputs.output_folder`.
     """
-    writer = ShardWriter(folder, parse_size(max_shard_size), dtype)
+    writer = ShardWriter(folder, parse_size(max_shard_size, "max shard size"), dtype)
     for name, tensor in tensors:
         writer.add(name, tensor)
     summary = writer.finish()
@@ -198,10 +159,6 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     Explicit dispatch: LoRALinear (merge its active adapter unless disabled or already merged in place),
     Linear4bit (dequantize), nn.Linear (as is).
     """
-    from qlorakit.export.merge import merge_lora_weight
-    from qlorakit.lora.layer import LoRALinear, base_weight
-    from qlorakit.quant.linear import Linear4bit
-
     if isinstance(module, LoRALinear):
         weight = base_weight(module.base_layer, torch.float32)
         bias = module.base_layer.bias
@@ -230,8 +187,6 @@ def _skeleton(config: Any) -> nn.Module:
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
     """`model.get_submodule(path)`, seeing through `ModulesToSaveWrapper` (its active copy)."""
-    from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
-
     module = model
     for part in path.split(".") if path else []:
         if isinstance(module, ModulesToSaveWrapper):
@@ -246,9 +201,6 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
 
 
 def _linear_types() -> tuple[type, ...]:
-    from qlorakit.lora.layer import LoRALinear
-    from qlorakit.quant.linear import Linear4bit
-
     return (LoRALinear, Linear4bit)
 
 
@@ -326,20 +278,17 @@ def export_hf(
     """Write any model qlorakit loads (HF folder, 4-bit folder, .gguf) as a plain 16-bit HF folder.
 
     4-bit weights are dequantized one layer at a time while they are written. `out_dir` follows the
-    output rule of `qlorakit.outputs` (checked before the model is loaded; `overwrite` replaces a folder
+    output rule of `qlorakit.core.outputs` (checked before the model is loaded; `overwrite` replaces a folder
     qlorakit did not write, never the input).
     """
-    from qlorakit.config import QuantConfig
-    from qlorakit.export.merge import load_for_export
-
     torch_dtype = parse_dtype(dtype)
-    parse_size(max_shard_size)
+    parse_size(max_shard_size, "max shard size")
     need = estimated_bytes(model_spec, torch.finfo(torch_dtype).bits / 8)
     plan = check_output(
         out_dir, command="export hf", inputs=[model_spec], overwrite=overwrite, need_bytes=need
     )
     # Full precision in memory whatever the device prefers: the only rounding is the final cast.
-    model, tokenizer = load_for_export(model_spec, quant=QuantConfig(compute_dtype="float32"))
+    model, tokenizer = load_base(model_spec, four_bit=False, quant=QuantConfig(compute_dtype="float32"))
     with output_folder(plan) as tmp:
         summary = write_hf_files(
             tmp,

@@ -22,40 +22,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlorakit.atomic import make_temp_dir
 from qlorakit.config import QuantConfig
-from qlorakit.errors import CheckpointError, ConfigError
-from qlorakit.outputs import OutputPlan, check_output, output_folder
+from qlorakit.core.atomic import make_temp_dir
+from qlorakit.core.dtypes import parse_dtype, parse_size
+from qlorakit.core.errors import CheckpointError, ConfigError
+from qlorakit.core.outputs import OutputPlan, check_output, output_folder
+from qlorakit.export.hf import dense_tensors, write_hf_files
+from qlorakit.lora.inject import lora_layers
+from qlorakit.lora.peft_format import load_adapter, read_adapter_config
+from qlorakit.models.load import adapter_quant_config, load_base, resolve_compute_dtype
+from qlorakit.models.resolve import is_quantized_folder, resolve_model_path
+from qlorakit.models.shape import estimated_bytes
+from qlorakit.quant.convert import quantize_model_as, save_quantized
+from qlorakit.quant.loading import load_quantized
 
 BASES = ("nf4", "original")
 TARGETS = ("bf16", "fp16", "fp32", "nf4")
 
 # ---------------------------------------------------------------------------------------------------------
-# Pure maths
-
-
-def merge_lora_weight(
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The merged weight [out, in] in fp32.
-
-    weight [out, in], lora_A [r, in], lora_B [out, r], magnitude [out] (DoRA) or None (LoRA).
-    LoRA: `W + s * B @ A`. DoRA: `(m / n)[:, None] * (W + s * B @ A)` with n the row L2 norm of
-    `W + s * B @ A` (PEFT's `get_weight_norm` along dim 1).
-    """
-    from qlorakit.lora.dora import dora_merged_weight, dora_weight_norm
-    from qlorakit.lora.layer import delta_weight
-
-    w = weight.float()
-    delta = delta_weight(lora_A, lora_B, scaling).to(w.device)
-    if magnitude is None:
-        return w + delta
-    norm = dora_weight_norm(w, lora_A, lora_B, scaling)
-    return dora_merged_weight(w, delta, magnitude.float().to(w.device), norm)
+# Drift reports
 
 
 def logit_drift(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -65,16 +50,7 @@ def logit_drift(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, fl
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_for_export(
-    spec: str | Path, *, four_bit: bool = False, quant: QuantConfig | None = None
-) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) in eval mode: quantized to 4 bits (`four_bit`), else as stored."""
-    from qlorakit.eval.generation import load_base
-
-    return load_base(spec, four_bit=four_bit, quant=quant)
+# Drift inputs and logits
 
 
 def sample_inputs(tokenizer: Any, vocab_size: int, *, batch: int = 2, length: int = 32) -> torch.Tensor:
@@ -172,13 +148,11 @@ class MergeReport:
 
 
 def _check_merge_args(base: str, to: str, max_shard_size: int | str) -> None:
-    from qlorakit.export.hf import parse_size
-
     if base not in BASES:
         raise ConfigError(f"merge base {base!r}: must be one of {', '.join(BASES)}")
     if to not in TARGETS:
         raise ConfigError(f"merge target dtype {to!r}: must be one of {', '.join(TARGETS)}")
-    parse_size(max_shard_size)
+    parse_size(max_shard_size, "max shard size")
 
 
 # Bytes per parameter of the merged output; nf4 also writes the fp32 merge beside it first.
@@ -195,9 +169,6 @@ def _check_paths(
     overwrite: bool,
 ) -> OutputPlan:
     """Arguments, adapter, model and output checks, before anything is loaded; the output's plan."""
-    from qlorakit.lora.peft_format import read_adapter_config
-    from qlorakit.models import estimated_bytes, is_quantized_folder, resolve_model_path
-
     _check_merge_args(base, to, max_shard_size)
     read_adapter_config(adapter_dir)  # a missing or broken adapter fails before the model is loaded
     source = resolve_model_path(model_spec)
@@ -213,9 +184,7 @@ def _check_paths(
 
 
 def _load_adapted(model_spec: str | Path, adapter_dir: Path, *, four_bit: bool, quant: QuantConfig):
-    from qlorakit.lora.peft_format import load_adapter
-
-    model, tokenizer = load_for_export(model_spec, four_bit=four_bit, quant=quant)
+    model, tokenizer = load_base(model_spec, four_bit=four_bit, quant=quant)
     load_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer
@@ -224,10 +193,6 @@ def _load_adapted(model_spec: str | Path, adapter_dir: Path, *, four_bit: bool, 
 def _requantize(dense_dir: Path, out_dir: Path, tokenizer: Any, quant: QuantConfig) -> nn.Module:
     """Load the merged fp32 folder, quantize it to 4 bits in place and save it as a 4-bit folder."""
     from transformers import AutoModelForCausalLM
-
-    from qlorakit.eval.generation import resolve_compute_dtype
-    from qlorakit.quant.convert import quantize_model_as, save_quantized
-    from qlorakit.quant.loading import load_quantized
 
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
     merged = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
@@ -259,8 +224,6 @@ def _merged_logits(
     """Load what was written (re-quantizing it into `out_dir` for `to="nf4"`) and return its logits."""
     from transformers import AutoModelForCausalLM
 
-    from qlorakit.export.hf import parse_dtype
-
     if to == "nf4":
         notes.append(
             "re-quantizing the merged weights to 4 bits changes the model: the adapter was trained "
@@ -289,14 +252,10 @@ def merge_adapter(
 ) -> MergeReport:
     """Merge the adapter into `base` weights and write a plain HF folder (or a 4-bit one for `to="nf4"`).
 
-    The output folder appears whole at the end or not at all, under the output rule of `qlorakit.outputs`.
+    The output folder appears whole at the end or not at all, under the output rule of `qlorakit.core.outputs`.
     `quant` describes the 4-bit base the adapter was trained against (default: the `config.yaml` that
     training saved beside the adapter, else NF4, blocksize 64, double quantization).
     """
-    from qlorakit.eval.generation import adapter_quant_config
-    from qlorakit.export.hf import dense_tensors, parse_dtype, write_hf_files
-    from qlorakit.lora.inject import lora_layers
-
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     plan = _check_paths(model_spec, adapter_dir, out_dir, base, to, max_shard_size, overwrite)
     quant = quant or adapter_quant_config(adapter_dir) or QuantConfig()

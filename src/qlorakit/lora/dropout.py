@@ -14,10 +14,34 @@ of a uint8 [ceil(n / 8)] tensor stores it. Why not `torch.bernoulli_`:
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from qlorakit import native
+from qlorakit.core import native
+
+SOURCE = native.register(
+    Path(__file__).parent / "csrc" / "dropout_cpu.cpp",
+    {
+        "qlk_dropout_mask": (
+            ctypes.c_int,
+            [ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64],
+        ),
+        "qlk_dropout_apply": (
+            ctypes.c_int,
+            [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+            ],
+        ),
+    },
+)
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -74,15 +98,17 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _fast(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.element_size() in (2, 4) and native.available()
+    return t.device.type == "cpu" and t.element_size() in (2, 4) and native.available(SOURCE)
 
 
 def keep_bits(seed: int, n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The packed keep-mask of n elements: uint8 [ceil(n / 8)] on `device`."""
     device = torch.device(device)
-    if device.type == "cpu" and native.available():
+    if device.type == "cpu" and native.available(SOURCE):
         bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-        if n and native.library().qlk_dropout_mask(seed, n, threshold(p), bits.data_ptr(), native.best_isa()):
+        if n and native.library(SOURCE).qlk_dropout_mask(
+            seed, n, threshold(p), bits.data_ptr(), native.best_isa()
+        ):
             raise RuntimeError("the C++ dropout-mask kernel failed in a worker thread")
         return bits
     return pack_bits(keep_mask_reference(seed, n, p, device))
@@ -94,7 +120,7 @@ def apply_keep(x: torch.Tensor, bits: torch.Tensor, *, inplace: bool = False) ->
         raise ValueError("apply_keep needs a contiguous tensor; the mask indexes its flat elements")
     out = x if inplace else torch.empty_like(x)
     if _fast(x):
-        rc = native.library().qlk_dropout_apply(
+        rc = native.library(SOURCE).qlk_dropout_apply(
             x.data_ptr(), bits.data_ptr(), x.numel(), x.element_size(), out.data_ptr(), native.best_isa()
         )
         if rc:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qlorakit.config import LoRAConfig, lora_regex_problems
-from qlorakit.errors import ConfigError, ModelError
+from qlorakit.core.errors import ConfigError, ModelError
 from qlorakit.lora.layer import LoRALinear, linear4bit_class
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlorakit.errors import ConfigError, ModelError, QuantizationError
+from qlorakit.core.errors import ConfigError, ModelError, QuantizationError
 from qlorakit.lora.dora import (
     DoraMagnitude,
     dora_merged_weight,
@@ -44,6 +44,27 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> 
     """The weight update `scaling * B @ A`: lora_A [r, in], lora_B [out, r] -> [out, in] (fp32 or wider)."""
     dtype = torch.promote_types(torch.promote_types(lora_A.dtype, lora_B.dtype), torch.float32)
     return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
+
+
+def merge_lora_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The merged weight [out, in] in fp32.
+
+    weight [out, in], lora_A [r, in], lora_B [out, r], magnitude [out] (DoRA) or None (LoRA).
+    LoRA: `W + s * B @ A`. DoRA: `(m / n)[:, None] * (W + s * B @ A)` with n the row L2 norm of
+    `W + s * B @ A` (PEFT's `get_weight_norm` along dim 1).
+    """
+    w = weight.float()
+    delta = delta_weight(lora_A, lora_B, scaling).to(w.device)
+    if magnitude is None:
+        return w + delta
+    norm = dora_weight_norm(w, lora_A, lora_B, scaling)
+    return dora_merged_weight(w, delta, magnitude.float().to(w.device), norm)
 
 
 def init_lora_weights(

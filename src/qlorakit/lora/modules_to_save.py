@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlorakit.atomic import atomic_directory, atomic_save_safetensors, atomic_write_text
 from qlorakit.config import LoRAConfig, config_from_dict
-from qlorakit.errors import CheckpointError, ConfigError, FormatError, ModelError
+from qlorakit.core.atomic import atomic_directory, atomic_save_safetensors, atomic_write_text
+from qlorakit.core.errors import CheckpointError, ConfigError, FormatError, ModelError
 from qlorakit.lora.inject import (
     ALL_LINEAR,
     inject_lora,

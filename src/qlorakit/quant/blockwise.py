@@ -7,13 +7,13 @@ force the reference path.
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
 import torch
 
-from qlorakit.errors import QuantizationError
+from qlorakit.core.errors import QuantizationError
+from qlorakit.quant import kernels
 from qlorakit.quant.codes import DYNAMIC_CODE, get_code, quantize_bounds
 from qlorakit.quant.state import BLOCKSIZES, FLOAT_DTYPES, NestedState, QuantState
 
@@ -22,20 +22,13 @@ NESTED_BLOCKSIZE = 256
 _MIN_ABSMAX = 1e-38
 # the CPU 8-bit quantizer of bitsandbytes maps [-1, 1] onto this many bins, then a lookup table
 _LUT_SIZE = 65536
-_KERNELS_MODULE = "qlorakit.quant.kernels"
 
 
 def _cpu_kernels() -> ModuleType | None:
-    """The C++ fast path module if it exists, is enabled and compiled; else None (reference path)."""
+    """The C++ fast path module if it is enabled and compiled; else None (reference path)."""
     if os.environ.get("QLORAKIT_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no"):
         return None
-    try:
-        module = importlib.import_module(_KERNELS_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _KERNELS_MODULE:
-            raise
-        return None
-    return module if module.available() else None
+    return kernels if kernels.available() else None
 
 
 def check_blocksize(blocksize: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from qlorakit.errors import QuantizationError
+from qlorakit.core.errors import QuantizationError
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA). Hard-coded: regenerating the table from the
 # normal quantiles differs from the bitsandbytes values in the last ulp.

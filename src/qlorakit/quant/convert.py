@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qlorakit.atomic import atomic_write_text
-from qlorakit.errors import FormatError, ModelError, QuantizationError
-from qlorakit.outputs import OutputPlan, check_output, output_folder
+from qlorakit.core.atomic import atomic_write_text
+from qlorakit.core.errors import FormatError, ModelError, QuantizationError
+from qlorakit.core.outputs import OutputPlan, check_output, output_folder
 from qlorakit.quant.blockwise import bits_per_parameter
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype
 from qlorakit.quant.report import LayerReport, QuantizeReport, weight_error
@@ -276,7 +276,7 @@ def save_quantized(
 
     The folder (config.json with quantization_config, model.safetensors or shards + index,
     generation_config.json, tokenizer files) appears atomically. Returns its path. `out_dir` follows the
-    output rule of `qlorakit.outputs`; a command that checked it before its work passes that `plan`.
+    output rule of `qlorakit.core.outputs`; a command that checked it before its work passes that `plan`.
     """
     from transformers import PreTrainedModel
 

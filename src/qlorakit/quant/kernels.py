@@ -1,6 +1,6 @@
 """The C++ CPU fast path for 4-bit blockwise quantization (bitsandbytes semantics, bit-identical results).
 
-The kernels live in `csrc/nf4_cpu.cpp`, compiled and loaded by `qlorakit.native` (see there: the build
+The kernels live in `csrc/nf4_cpu.cpp`, handed to and compiled by `qlorakit.core.native` (see there: the build
 cache, the one-line warning and plain-torch fallback when no compiler is available, `QLORAKIT_NO_KERNELS=1`).
 This module validates every tensor, allocates the outputs and calls the C functions.
 """
@@ -8,19 +8,39 @@ This module validates every tensor, allocates the outputs and calls the C functi
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import torch
 
-from qlorakit import native
-from qlorakit.errors import QuantizationError
-from qlorakit.native import available, isa
+from qlorakit.core import native
+from qlorakit.core.errors import QuantizationError
 from qlorakit.quant.codes import quantize_bounds
+
+_I64, _P, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+SOURCE = native.register(
+    Path(__file__).parent / "csrc" / "nf4_cpu.cpp",
+    {
+        "qlk_best_isa": (_I64, []),
+        "qlk_dequantize": (_INT, [_P, _P, _P, _I64, _I64, ctypes.c_int32, _P, _I64]),
+        "qlk_quantize": (_INT, [_P, _I64, _P, _P, _I64, _P, _P, _I64]),
+    },
+)
 
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def available() -> bool:
+    """True when these kernels are compiled and usable in this process (compiles them on first call)."""
+    return native.available(SOURCE)
+
+
+def isa() -> str:
+    """The vector instruction set the kernels use here: "avx512", "avx2", "scalar" or "none" (unavailable)."""
+    return native.isa() if available() else "none"
+
+
 def _require() -> ctypes.CDLL:
-    lib = native.library()
+    lib = native.library(SOURCE)
     if lib is None:
         raise QuantizationError(
             "the qlorakit C++ CPU kernels are not available (see the earlier warning, or unset "

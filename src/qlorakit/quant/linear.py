@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from qlorakit.errors import QuantizationError
+from qlorakit.core.errors import QuantizationError
 from qlorakit.quant.blockwise import dequantize_4bit, dequantize_blocks, quantize_4bit
 from qlorakit.quant.state import NestedState, QuantState
 

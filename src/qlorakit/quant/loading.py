@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qlorakit.errors import CheckpointError, QuantizationError
+from qlorakit.core.errors import CheckpointError, QuantizationError
 from qlorakit.quant.convert import (
     STATE_KEY_MARK,
     _as_linear,

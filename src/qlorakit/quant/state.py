@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qlorakit.errors import CheckpointError, QuantizationError
+from qlorakit.core.errors import CheckpointError, QuantizationError
 from qlorakit.quant.codes import QUANT_TYPES, get_code
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {

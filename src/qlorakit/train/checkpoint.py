@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
-from qlorakit.atomic import atomic_directory
-from qlorakit.errors import CheckpointError
+from qlorakit.core.atomic import atomic_directory
+from qlorakit.core.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

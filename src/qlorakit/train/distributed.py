@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,6 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:

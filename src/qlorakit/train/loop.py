@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 from qlorakit.config import TrainConfig
-from qlorakit.errors import CheckpointError, TrainingDivergedError
+from qlorakit.core.errors import CheckpointError, TrainingDivergedError
+from qlorakit.data import Example
+from qlorakit.loss import causal_lm_loss_sum, scored_tokens
+from qlorakit.models.load import unwrap_model
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.distributed import (
     DistContext,
@@ -28,10 +31,7 @@ from qlorakit.train.distributed import (
     all_reduce_sum,
     barrier,
     gather_bytes,
-    unwrap_model,
 )
-from qlorakit.train.head_loss import IGNORE_INDEX, causal_lm_loss_sum
-from qlorakit.train.head_loss import token_loss_sum as token_loss_sum  # re-exported: the plain loss
 from qlorakit.train.metrics import MetricsWriter, progress_bar
 from qlorakit.train.optim import lr_at, set_lr, trainable_named_parameters
 from qlorakit.train.sampler import BatchOrder
@@ -87,7 +87,7 @@ def count_input_tokens(batch: Batch) -> int:
 
 def count_label_tokens(batch: Batch) -> int:
     """Label tokens that contribute to the loss (after the next-token shift)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return scored_tokens(batch["labels"])
 
 
 def batch_loss_sum(
@@ -135,8 +135,8 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
 @torch.no_grad()
 def evaluate_loss(
     model: nn.Module,
-    examples: Sequence[Any],
-    collate_fn: Callable[[Sequence[Any]], Batch],
+    examples: Sequence[Example],
+    collate_fn: Callable[[Sequence[Example]], Batch],
     *,
     batch_size: int,
     max_batches: int | None,
@@ -298,7 +298,7 @@ class ThroughputWindow:
 
 
 def _micro_batches(
-    examples: Sequence[Any],
+    examples: Sequence[Example],
     order: BatchOrder,
     collate_fn: Callable,
     position: int,
@@ -322,9 +322,9 @@ def _micro_batches(
 def train_loop(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train_examples: Sequence[Any],
-    val_examples: Sequence[Any],
-    collate_fn: Callable[[Sequence[Any]], Batch],
+    train_examples: Sequence[Example],
+    val_examples: Sequence[Example],
+    collate_fn: Callable[[Sequence[Example]], Batch],
     cfg: TrainConfig,
     *,
     total_steps: int,

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from qlorakit.config import TrainConfig
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")

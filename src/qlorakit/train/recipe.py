@@ -19,10 +19,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from qlorakit.atomic import atomic_write_json, atomic_write_text, make_temp_dir
 from qlorakit.config import Config, config_to_dict
-from qlorakit.errors import CheckpointError, ConfigError
-from qlorakit.outputs import OutputPlan, add_own_names, check_output, claim_folder
+from qlorakit.core.atomic import atomic_write_json, atomic_write_text, make_temp_dir
+from qlorakit.core.errors import CheckpointError, ConfigError
+from qlorakit.core.outputs import OutputPlan, add_own_names, check_output, claim_folder
+from qlorakit.data import (
+    DataBundle,
+    Record,
+    build_datasets,
+    check_datasets,
+    collate,
+    prompt_ids,
+    reference_answer,
+)
+from qlorakit.lora.inject import disable_adapters, inject_lora, prepare_for_kbit_training
+from qlorakit.lora.peft_format import save_adapter
+from qlorakit.models.decode import generate_greedy_batch, pad_token_id
+from qlorakit.models.load import resolve_compute_dtype
+from qlorakit.models.resolve import load_model
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.distributed import (
     DistContext,
@@ -50,8 +64,6 @@ from qlorakit.train.metrics import (
     render_summary,
 )
 from qlorakit.train.optim import build_optimizer, check_optimizer, total_steps, trainable_named_parameters
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -88,7 +100,7 @@ TRAIN_OUTPUTS = (
 
 
 def check_output_dir(cfg: Config) -> OutputPlan:
-    """output.dir under the output rule of `qlorakit.outputs`: new, empty, or a train folder (else
+    """output.dir under the output rule of `qlorakit.core.outputs`: new, empty, or a train folder (else
     output.overwrite), never an input's folder, writable; checked before the model is loaded."""
     inputs = [cfg.model.name, cfg.data.val_path, *(spec.path for spec in cfg.data.datasets)]
     return check_output(
@@ -130,20 +142,8 @@ def find_resume_checkpoint(cfg: Config, root: Path, world_size: int, notes: list
     return path
 
 
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`quant.compute_dtype`; `auto` asks the 4-bit layer what this device computes natively."""
-    if name == "auto":
-        from qlorakit.quant.linear import default_compute_dtype
-
-        return default_compute_dtype(device)
-    return _DTYPES[name]
-
-
 def build_model(cfg: Config, compute_dtype: torch.dtype, ctx: DistContext) -> tuple[nn.Module, Any, str]:
     """Load the base, quantize it to 4 bits (QLoRA) and inject LoRA; returns (model, tokenizer, report)."""
-    from qlorakit.lora.inject import inject_lora, prepare_for_kbit_training
-    from qlorakit.models import load_model
-
     model, tokenizer = load_model(
         cfg.model.name,
         dtype=compute_dtype,
@@ -171,12 +171,8 @@ def _norm(text: str) -> str:
 SAMPLE_BATCH = 8
 
 
-def generate_samples(model: nn.Module, tokenizer: Any, records: list[Any], template: str) -> list[str]:
+def generate_samples(model: nn.Module, tokenizer: Any, records: list[Record], template: str) -> list[str]:
     """Greedy completions of each held-out record's prompt (budget: reference length + 8 tokens)."""
-    from qlorakit.data import prompt_ids
-    from qlorakit.eval.evaluate import reference_answer
-    from qlorakit.eval.generation import generate_greedy_batch
-
     prompts = [prompt_ids(r, tokenizer, template) for r in records]
     budgets = [
         len(tokenizer(reference_answer(r), add_special_tokens=False)["input_ids"]) + 8 for r in records
@@ -190,9 +186,7 @@ def generate_samples(model: nn.Module, tokenizer: Any, records: list[Any], templ
     return out
 
 
-def held_out_records(records: list[Any], n: int) -> list[Any]:
-    from qlorakit.eval.evaluate import reference_answer
-
+def held_out_records(records: list[Record], n: int) -> list[Record]:
     return [r for r in records if reference_answer(r) is not None][:n]
 
 
@@ -215,8 +209,6 @@ def save_tokenizer(tokenizer: Any, out: Path) -> list[str]:
 
 def _save_best_adapter(model: nn.Module, cfg: Config, state: LoopState, root: Path, out: Path) -> Path | None:
     """When the best validation step is not the last one, also write its adapter to `<out>/best/`."""
-    from qlorakit.lora.peft_format import save_adapter
-
     if state.best_step is None or state.best_step == state.step:
         return None
     path = root / ckpt.checkpoint_name(state.best_step)
@@ -236,7 +228,7 @@ def _save_best_adapter(model: nn.Module, cfg: Config, state: LoopState, root: Pa
 
 
 def _compare(
-    model: nn.Module, tokenizer: Any, data: Any, cfg: Config, ctx: DistContext, eval_kw: dict
+    model: nn.Module, tokenizer: Any, data: DataBundle, cfg: Config, ctx: DistContext, eval_kw: dict
 ) -> dict:
     """Validation loss (all ranks) and greedy generations on held-out rows (rank 0)."""
     loss = evaluate_loss(model, data.val, _collate_fn(tokenizer), **eval_kw, ctx=ctx)
@@ -251,10 +243,8 @@ def _compare(
 
 
 def _collate_fn(tokenizer: Any) -> Any:
-    from qlorakit.data import collate
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return lambda examples: collate(examples, pad if pad is not None else 0)
+    pad = pad_token_id(tokenizer)
+    return lambda examples: collate(examples, pad)
 
 
 def run_training(cfg: Config) -> TrainOutcome:
@@ -267,9 +257,6 @@ def run_training(cfg: Config) -> TrainOutcome:
 
 
 def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
-    from qlorakit.data import build_datasets, check_datasets
-    from qlorakit.lora.inject import disable_adapters
-
     started = time.perf_counter()
     out, notes = Path(cfg.output.dir), []
     root = out / "checkpoints"
@@ -365,8 +352,6 @@ def _write_outputs(
     """Adapter (PEFT format), best adapter, tokenizer, resolved config, loss curve, summary (rank 0)."""
     import yaml
 
-    from qlorakit.lora.peft_format import save_adapter
-
     out = Path(cfg.output.dir)
     save_adapter(model, out, cfg.lora, base_model_name_or_path=cfg.model.name)
     _save_best_adapter(model, cfg, state, out / "checkpoints", out)
@@ -389,8 +374,6 @@ def _summary(
     steps: int,
     started: float,
 ) -> dict[str, Any]:
-    from qlorakit.eval.evaluate import reference_answer
-
     records = held_out_records(data.val_records, cfg.output.samples)
     refs = [reference_answer(r) for r in records]
     gens = [

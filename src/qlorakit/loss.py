@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlorakit.errors import ConfigError, DataError, ModelError
+from qlorakit.core.errors import ConfigError, DataError, ModelError
+from qlorakit.data.render import IGNORE_INDEX
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
-from qlorakit.train.distributed import unwrap_model
+from qlorakit.models.load import unwrap_model
 
-IGNORE_INDEX = -100
 # One block of fp32 logits is chunk_tokens x chunk_vocab x 4 bytes = 16 MB; the backward holds about two
 # such blocks (probabilities and their compute-dtype copy). Matmuls of 1024 x H x 4096 stay efficient.
 DEFAULT_CHUNK_TOKENS = 1024
@@ -41,6 +41,19 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted = logits[:, :-1, :].flatten(0, 1).float()
     targets = labels[:, 1:].flatten()
     return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def scored_tokens(labels: torch.Tensor) -> int:
+    """Label tokens that contribute to the loss (after the next-token shift). labels [B, T] -> count."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(`token_loss_sum` as an fp64 CPU scalar, `scored_tokens`): batches combine into a token-weighted mean.
+
+    logits [B, T, V] (position t predicts token t+1), labels [B, T] aligned with the input ids.
+    """
+    return token_loss_sum(logits, labels).double().cpu(), scored_tokens(labels)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ training step runs:
                       matmuls run per row (forward) and column (backward) chunk
     LoRA              forward x @ A^T per distinct in, h @ B^T per distinct out; backward three more each
                       (g @ B and g^T @ h per out, x^T @ g_h and g_h @ A per in)
-    output head       the fused loss (`qlorakit.train.head_loss`): one [tokens, vocab] block shape per
+    output head       the fused loss (`qlorakit.loss`): one [tokens, vocab] block shape per
                       chunk size, forward and backward, per distinct count of label tokens
     attention         SDPA's blocked kernels: two per distinct padded length
 
@@ -28,9 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qlorakit.model_shape import LinearShape, ModelShape
+from qlorakit.loss import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB
+from qlorakit.models.shape import LinearShape, ModelShape
 from qlorakit.quant.linear import CHUNK_ELEMENTS
-from qlorakit.train.head_loss import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB
 
 MiB = 2**20
 # Resident bytes per compiled kernel (heap in use plus the fragmentation it leaves): (peak RSS of a
@@ -54,7 +54,7 @@ class BatchShape:
 
 @dataclass(frozen=True)
 class RunShapes:
-    """The distinct batch shapes of one run (`qlorakit.run_shapes` replays them from a run's data).
+    """The distinct batch shapes of one run (`qlorakit.tools.estimate.run_shapes` replays them from a run's data).
 
     `generate`: (rows, prompt width) of each batched generation call of the held-out samples."""
 
@@ -114,7 +114,7 @@ def linear_kernels(
 
 
 def head_blocks(vocab: int, label_counts: set[int]) -> set[tuple[int, int]]:
-    """The [tokens, vocab] block shapes of the fused output head + loss (`qlorakit.train.head_loss` chunk
+    """The [tokens, vocab] block shapes of the fused output head + loss (`qlorakit.loss` chunk
     defaults) over batches with the given label-token counts; each is one forward kernel, and one more in
     training (the backward recomputes the block, then multiplies it back)."""
     vocab_sizes = _sizes(vocab, DEFAULT_CHUNK_VOCAB)

@@ -1,87 +1,31 @@
-"""How much memory a fine-tuning run needs, from the model's shape alone (no weights are loaded).
+"""The memory model of a training run: every component in bytes, from a model's shape and the run's settings.
 
-The model is a decoder transformer described by its `config.json` (Llama, Mistral, Qwen2, Gemma and
-GPT-2 key names) or by a GGUF file's metadata (see `qlorakit.model_shape`). `estimate_memory` returns a
-breakdown of the peak resident set (RSS) of the PyTorch CPU process that trains it:
-
-    weights           frozen or trainable parameters (4-bit packed linears for QLoRA)
-    quant_constants   absmax per 64-block (8 bit + a nested fp32 per 256 blocks with double quantization)
-    adapters          LoRA A/B matrices, fp32
-    gradients         of the trainable parameters
-    optimizer         AdamW m and v in fp32, plus fp32 master weights when training 16-bit parameters
-    activations       tensors autograd saves per decoder layer (counted from the saved tensors of
-                      transformers' Llama layer with SDPA attention)
-    logits            the loss. qlorakit's fused head + cross-entropy (`qlorakit.train.head_loss`, for
-                      the architectures it knows): a per-token logsumexp, the fp32 gradient of the last
-                      hidden states and a few [1024, 4096] fp32 blocks of logits at a time. Otherwise
-                      batch * seq * vocab * 16 B at the backward peak: the logits the loss holds, the fp32
-                      log-probabilities cross-entropy saves, the gradient of those and of the logits. With
-                      gradient checkpointing only what exceeds one recomputed layer counts: the loss's
-                      backward is over before the first layer is recomputed
-    allocator         freed memory the process keeps resident, by allocator mode (see below)
-    kernels           the 16-bit matmul kernels oneDNN compiles, one set per batch shape
-                      (`qlorakit.kernel_cache`); none in fp32
-    workspace         transient buffers: a dequantized 4-bit weight, AdamW step temporaries
-    runtime           the process itself: Python + torch + transformers + qlorakit, measured
-
-`training` is the sum of those (gradients stay allocated across micro-batches in a trainer that
-accumulates them); `loading` is the peak while the checkpoint is read and converted; `peak` the larger
-(the process's peak RSS); `required` leaves out clean checkpoint-file pages, the part that must fit.
-`RunSettings.from_config` reads a training config as `qlorakit train` runs it on this machine (method,
-rank, targets, batch, max_length, checkpointing, optimizer, the compute dtype `auto` resolves to, the
-allocator mode); `qlorakit.run_shapes` replays the batch shapes of its data.
-
-Loading: QLoRA quantizes each linear as it reads it with plain file reads (`qlorakit.quant.loading`), so
-it holds the 4-bit model, the unquantized rest and one layer's weight. 16-bit methods load with
-transformers, which maps the safetensors file: stored in the compute dtype, the tensors are used in
-place (file pages); in another dtype, the mapped file and the converted model coexist while loading.
-
-The allocator: what the mode of `qlorakit.memory` (QLORAKIT_MALLOC_TUNING, asked the way the `qlorakit`
-command asks it) keeps resident after PyTorch frees memory is modelled in `qlorakit.allocator_model`.
-Measured against real runs by benchmarks/bench_estimate.py and the slow test in tests/test_estimate.py.
+See the package docstring (`qlorakit.tools.estimate`) for what each component counts and why.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from qlorakit.allocator_model import allocator_bytes
-from qlorakit.config import Config
-from qlorakit.errors import ConfigError
-from qlorakit.kernel_cache import BatchShape, RunShapes, kernel_bytes
-from qlorakit.memory import requested_mode
-from qlorakit.model_shape import (  # re-exported: the shape readers used to live here
-    BUILTIN_MODELS,
-    LinearShape,
-    ModelShape,
-    config_from_gguf,
-    dtype_bytes,
-    dtype_name,
-    smollm2_gguf_path,
-    target_linears,
-)
-from qlorakit.quant.linear import default_compute_dtype
-
-__all__ = [
-    "BUILTIN_MODELS", "METHODS", "OPTIMIZERS", "Advice", "BatchShape", "LinearShape", "MemoryEstimate",
-    "MethodAdvice", "ModelShape", "RunSettings", "RunShapes", "advise", "config_from_gguf", "dtype_bytes",
-    "dtype_name", "estimate_memory", "format_bytes", "parse_size", "quantized_bytes", "smollm2_gguf_path",
-    "target_linears",
-]  # fmt: skip
+from qlorakit.core.dtypes import MiB, dtype_bytes, dtype_name
+from qlorakit.core.errors import ConfigError
+from qlorakit.core.memory import requested_mode
+from qlorakit.loss import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, FUSED_ARCHITECTURES
+from qlorakit.models.shape import LinearShape, ModelShape, target_linears
+from qlorakit.tools.estimate.allocator import allocator_bytes
+from qlorakit.tools.estimate.kernel_cache import RunShapes, kernel_bytes
 
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
-MiB = 2**20
-GiB = 2**30
 # Measured on the reference CPU box (torch 2.13, transformers 5): RSS after importing torch and
 # transformers is 346 MiB; `qlorakit train` of a 2-layer, 320-token-vocabulary Llama peaks at 380-386 MiB.
 IMPORT_RSS_BYTES = 346 * MiB
 RUNTIME_OVERHEAD_BYTES = 385 * MiB
 NESTED_BLOCKSIZE = 256
-# The fused loss's logits block (qlorakit.train.head_loss defaults) and how many live at its peak.
-LOSS_CHUNK_TOKENS, LOSS_CHUNK_VOCAB, LOSS_LIVE_BLOCKS = 1024, 4096, 3
+# The fused loss's logits block (qlorakit.loss defaults) and how many live at its peak.
+LOSS_CHUNK_TOKENS, LOSS_CHUNK_VOCAB, LOSS_LIVE_BLOCKS = DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, 3
 COMPONENTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer", "activations", "logits",
               "allocator", "kernels", "workspace", "runtime")  # fmt: skip
 # Optimizer names of `train.optim` -> the state layout estimated (paged variants hold the same states).
@@ -184,8 +128,6 @@ def _model_activation_bytes(
 
 def fused_loss_applies(arch: ModelShape) -> bool:
     """True when qlorakit's training loop computes this architecture's loss with the fused head."""
-    from qlorakit.train.head_loss import FUSED_ARCHITECTURES
-
     return arch.model_type in FUSED_ARCHITECTURES.values()
 
 
@@ -301,7 +243,7 @@ def estimate_memory(
     """The peak memory of training `arch` with `method` on `batch` sequences of `seq` tokens.
 
     `shapes`: the distinct batch shapes of the run (16-bit kernels are compiled per shape); None means
-    every row `seq` tokens. `allocator`: the mode of `qlorakit.memory` ("cache", "mmap", "off"); None
+    every row `seq` tokens. `allocator`: the mode of `qlorakit.core.memory` ("cache", "mmap", "off"); None
     means what `QLORAKIT_MALLOC_TUNING` selects for the `qlorakit` command, as the training command would.
     """
     if method not in METHODS:
@@ -336,150 +278,3 @@ def estimate_memory(
     return MemoryEstimate(
         method, batch, seq, grad_checkpointing, c, load, trainable, loading_file_pages=pages
     )
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The settings of a training run that decide its memory: the keywords of `estimate_memory`."""
-
-    method: str
-    batch: int
-    seq: int
-    r: int
-    targets: str | tuple[str, ...]
-    grad_checkpointing: bool
-    compute_dtype: str
-    optimizer: str
-    blocksize: int
-    double_quant: bool
-    lora_dropout: float
-    allocator: str
-    shapes: RunShapes | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> RunSettings:
-        """What `qlorakit train` does with `cfg` on this machine: `quant.enabled` picks QLoRA or 16-bit
-        LoRA, `compute_dtype: auto` resolves as training resolves it on the CPU, the allocator mode is the
-        one `QLORAKIT_MALLOC_TUNING` selects. Gradient accumulation changes no memory: the gradients stay
-        allocated between micro-batches anyway."""
-        q, lo, t = cfg.quant, cfg.lora, cfg.train
-        dtype = q.compute_dtype if q.compute_dtype != "auto" else dtype_name(default_compute_dtype("cpu"))
-        targets = lo.target_modules if isinstance(lo.target_modules, str) else tuple(lo.target_modules)
-        return cls(
-            method="qlora" if q.enabled else "lora",
-            batch=t.batch_size,
-            seq=cfg.data.max_length,
-            r=lo.r,
-            targets=targets,
-            grad_checkpointing=t.gradient_checkpointing,
-            compute_dtype=dtype,
-            optimizer=CONFIG_OPTIMIZERS[t.optim],
-            blocksize=q.blocksize,
-            double_quant=q.double_quant,
-            lora_dropout=lo.dropout,
-            allocator=requested_mode(),
-        )
-
-    def with_shapes(self, shapes: RunShapes) -> RunSettings:
-        """These settings over the replayed shapes of the run's data: the activations of its longest
-        training batch (at most max_length tokens per row), the kernels of every shape."""
-        return replace(self, shapes=shapes, seq=shapes.longest.length)
-
-    def estimate(self, arch: ModelShape) -> MemoryEstimate:
-        return estimate_memory(arch, **{f.name: getattr(self, f.name) for f in fields(self)})
-
-
-@dataclass(frozen=True)
-class MethodAdvice:
-    """What fits a budget with one method. `max_batch` is at the asked `seq`; `max_seq` at batch 1;
-    0 means nothing fits."""
-
-    method: str
-    fits: bool
-    grad_checkpointing: bool
-    max_batch: int
-    max_seq: int
-    peak_bytes: int
-    """`MemoryEstimate.required` at `max_batch` (the memory that must fit, without droppable file pages)."""
-
-
-@dataclass(frozen=True)
-class Advice:
-    budget_bytes: int
-    seq: int
-    methods: tuple[MethodAdvice, ...]
-
-    @property
-    def recommended(self) -> MethodAdvice | None:
-        """The first method in (full, lora, qlora) order that fits at batch >= 1: the highest fidelity."""
-        return next((m for m in self.methods if m.fits), None)
-
-
-def _largest_power_of_two(fits: Any, limit: int) -> int:
-    best, n = 0, 1
-    while n <= limit and fits(n):
-        best, n = n, n * 2
-    return best
-
-
-def advise(
-    arch: ModelShape,
-    budget_bytes: int,
-    *,
-    seq: int = 512,
-    methods: tuple[str, ...] = METHODS,
-    max_batch: int = 1024,
-    max_seq: int = 131072,
-    **kwargs: Any,
-) -> Advice:
-    """For each method: the largest power-of-two batch at `seq` and sequence length at batch 1 (at most the
-    model's context) whose `required` memory fits `budget_bytes`, with gradient checkpointing only when it allows a larger batch.
-    `kwargs` go to `estimate_memory` (r, targets, compute_dtype, optimizer, blocksize, double_quant)."""
-    kwargs.pop("grad_checkpointing", None)
-    if arch.max_positions:
-        max_seq = min(max_seq, arch.max_positions)  # longer sequences than the model's context are no advice
-    out = []
-    for method in methods:
-
-        def peak(b: int, s: int, gc: bool, method: str = method) -> int:
-            return estimate_memory(
-                arch, method=method, batch=b, seq=s, grad_checkpointing=gc, **kwargs
-            ).required
-
-        best = {}
-        for gc in (False, True):
-            b = _largest_power_of_two(lambda b, gc=gc, p=peak: p(b, seq, gc) <= budget_bytes, max_batch)
-            s = _largest_power_of_two(lambda s, gc=gc, p=peak: p(1, s, gc) <= budget_bytes, max_seq)
-            best[gc] = (b, s)
-        # checkpointing costs a second forward pass: use it only where it buys a larger batch
-        gc = best[True][0] > best[False][0]
-        best_batch, best_seq = best[gc]
-        fits = best_batch >= 1
-        used = peak(max(best_batch, 1), seq, gc)
-        out.append(MethodAdvice(method, fits, gc, best_batch, best_seq, used))
-    return Advice(budget_bytes, seq, tuple(out))
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "8GiB", "8GB", "512MiB", "1.5G" (G = GiB) or a plain number of bytes."""
-    units = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": MiB, "mb": 10**6, "mib": MiB,
-             "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}  # fmt: skip
-    s = text.strip().lower().replace(" ", "")
-    number = s.rstrip("kmgtib")
-    unit = s[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise ConfigError(f"cannot read memory size {text!r}; write it like 8GiB, 16GB or 512MiB")
-    return int(value * units[unit])
-
-
-def format_bytes(n: int) -> str:
-    """Binary units with three significant figures: 1.50 GiB, 312 MiB, 4.00 KiB."""
-    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
-        if n >= size:
-            v = n / size
-            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.2f} {unit}"
-    return f"{n} B"

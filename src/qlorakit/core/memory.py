@@ -36,9 +36,19 @@ import ctypes.util
 import os
 import platform
 import sys
+from pathlib import Path
 
-from qlorakit import native
-from qlorakit.errors import ConfigError
+from qlorakit.core import native
+from qlorakit.core.errors import ConfigError
+
+SOURCE = native.register(
+    Path(__file__).parent / "csrc" / "block_cache.cpp",
+    {
+        "qlk_block_cache_install": (ctypes.c_int, [ctypes.c_int64, ctypes.c_int64]),
+        "qlk_block_cache_stats": (ctypes.c_int, [ctypes.c_void_p]),
+        "qlk_block_cache_trim": (None, []),
+    },
+)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -107,7 +117,7 @@ def configure_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     if libc is None or not _fix_mmap_threshold(libc, mmap_threshold):
         return False
     _mode = "mmap"
-    lib = native.library() if mode == "cache" else None
+    lib = native.library(SOURCE) if mode == "cache" else None
     if lib is not None:
         lib.qlk_block_cache_install(mmap_threshold, block_cache_bytes())
         _mode = "cache"
@@ -121,7 +131,7 @@ def allocator_mode() -> str:
 
 def block_cache_stats() -> dict[str, int] | None:
     """Bytes mapped (live + free) and free in the block cache, its hits and fresh mappings; None if not installed."""
-    lib = native.library() if _mode == "cache" else None
+    lib = native.library(SOURCE) if _mode == "cache" else None
     out = (ctypes.c_int64 * 4)()
     if lib is None or not lib.qlk_block_cache_stats(out):
         return None
@@ -130,7 +140,7 @@ def block_cache_stats() -> dict[str, int] | None:
 
 def trim_block_cache() -> None:
     """Unmap every free block the cache holds (e.g. before handing memory to another program)."""
-    lib = native.library() if _mode == "cache" else None
+    lib = native.library(SOURCE) if _mode == "cache" else None
     if lib is not None:
         lib.qlk_block_cache_trim()
 

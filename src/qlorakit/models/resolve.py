@@ -23,16 +23,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from qlorakit.atomic import atomic_directory, atomic_write_json
-from qlorakit.errors import CheckpointError, ModelError, QLoraKitError
-from qlorakit.model_shape import ModelShape
-
-if TYPE_CHECKING:
-    from qlorakit.config import QuantConfig
+from qlorakit.config import QuantConfig
+from qlorakit.core.atomic import atomic_directory, atomic_write_json
+from qlorakit.core.errors import CheckpointError, ModelError
+from qlorakit.core.paths import cache_root
+from qlorakit.quant.convert import quantize_model_as
+from qlorakit.quant.linear import default_compute_dtype
+from qlorakit.quant.loading import check_checkpoint_shapes, load_quantized, load_quantizing
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -58,13 +59,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def cache_root() -> Path:
-    """The qlorakit cache folder: `$QLORAKIT_CACHE`, else `~/.cache/qlorakit`."""
-    env = os.environ.get("QLORAKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qlorakit"
-
-
-def _builtin_path(name: str) -> Path:
+def builtin_model_path(name: str) -> Path:
+    """The GGUF file of a built-in model, shipped inside its pip package (ModelError when it is missing)."""
     builtin = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(builtin.package)
     if spec is None or not spec.submodule_search_locations:
@@ -88,7 +84,7 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
     """
     text = os.fspath(spec)
     if text in BUILTIN_MODELS:
-        return _builtin_path(text)
+        return builtin_model_path(text)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -109,15 +105,6 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
         f"model {text!r} not found: it is not a built-in name ({names}), nor an existing folder with "
         "config.json, nor an existing .gguf file"
     )
-
-
-def estimated_bytes(spec: str | os.PathLike[str], bytes_per_param: float) -> int | None:
-    """About how many bytes the weights of `spec` take at `bytes_per_param` (from its config alone),
-    for the free-space check before writing an output; None when the shape cannot be read."""
-    try:
-        return int(ModelShape.from_config(os.fspath(spec)).num_params() * bytes_per_param)
-    except (QLoraKitError, OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _source_fingerprint(path: Path) -> dict[str, Any]:
@@ -263,14 +250,10 @@ def _load_full_precision(
     stream = quantize is not None and not trust_remote_code and _has_safetensors(folder)
     try:
         if stream:
-            from qlorakit.quant.loading import load_quantizing
-
             model = load_quantizing(folder, quantize, dtype)  # None: keys need transformers' loading
             if model is not None:
                 return model
         if not trust_remote_code and _has_safetensors(folder):
-            from qlorakit.quant.loading import check_checkpoint_shapes
-
             check_checkpoint_shapes(folder)  # a named tensor, not transformers' size-mismatch report
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code
@@ -282,8 +265,6 @@ def _load_full_precision(
     except (ValueError, OSError) as exc:
         raise ModelError(f"cannot load the model in {folder}: {exc}") from exc
     if quantize is not None:
-        from qlorakit.quant.convert import quantize_model_as
-
         quantize_model_as(model, quantize, dtype)  # type: ignore[arg-type]
     return model
 
@@ -330,9 +311,6 @@ def load_model(
     folder = convert_gguf(path, name=text if text in BUILTIN_MODELS else None) if path.is_file() else path
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     if is_quantized_folder(folder):
-        from qlorakit.quant.linear import default_compute_dtype
-        from qlorakit.quant.loading import load_quantized
-
         chosen = compute_dtype if compute_dtype is not None else default_compute_dtype(device)
         model = load_quantized(folder, chosen, dtype=None if dtype == "auto" else dtype)
     else:

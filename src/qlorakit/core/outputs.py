@@ -18,7 +18,7 @@ For a target T of a command that reads the inputs I:
    with room for `need_bytes` when the caller can estimate them.
 
 A refusal is an `OutputError` (exit status 2) raised before anything is written. Temporaries that a
-killed run left beside T (named by `qlorakit.atomic`, their process gone) are removed by the check. Running
+killed run left beside T (named by `qlorakit.core.atomic`, their process gone) are removed by the check. Running
 out of space while writing becomes an `OutputError` that says how much space the output needed.
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from qlorakit.atomic import (
+from qlorakit.core.atomic import (
     atomic_directory,
     atomic_open,
     atomic_write_json,
@@ -46,7 +46,7 @@ from qlorakit.atomic import (
     stale_temporaries,
     temp_prefix,
 )
-from qlorakit.errors import QLoraKitError
+from qlorakit.core.errors import QLoraKitError
 
 MARKER = ".qlorakit-output.json"
 """The file that marks a folder as written by qlorakit: `{"written_by", "command", "files"}`."""

@@ -1,6 +1,6 @@
-"""What the C allocator keeps resident after PyTorch frees memory, by `qlorakit.memory` mode.
+"""What the C allocator keeps resident after PyTorch frees memory, by `qlorakit.core.memory` mode.
 
-The `qlorakit` command installs one of three modes (QLORAKIT_MALLOC_TUNING, see `qlorakit.memory`):
+The `qlorakit` command installs one of three modes (QLORAKIT_MALLOC_TUNING, see `qlorakit.core.memory`):
 - "cache" (default): every tensor of 1 MiB or more is its own mapping; a freed one stays mapped in a
   cache keyed by size class, for reuse, up to QLORAKIT_BLOCK_CACHE_MIB (256 MiB). At the peak the cache
   holds the large blocks loading freed that nothing reused, and part of a pass's activation blocks.
@@ -14,9 +14,9 @@ runs of SmolLM2-135M, fp32 and bf16 compute, each mode in its own process.
 
 from __future__ import annotations
 
-from qlorakit.errors import ConfigError
-from qlorakit.memory import DEFAULT_MMAP_THRESHOLD, MODES, block_cache_bytes
-from qlorakit.model_shape import LinearShape, ModelShape, dtype_bytes
+from qlorakit.core.errors import ConfigError
+from qlorakit.core.memory import DEFAULT_MMAP_THRESHOLD, MODES, block_cache_bytes
+from qlorakit.models.shape import LinearShape, ModelShape, dtype_bytes
 
 ALLOCATOR_MODES = MODES
 # Share of a non-checkpointed pass's activations glibc's heap keeps beyond what the run holds, of the

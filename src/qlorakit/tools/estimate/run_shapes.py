@@ -2,7 +2,7 @@
 
 Batches are padded to their longest row, so a run over rows of varying length computes many different
 matmul shapes, and on the CPU every new 16-bit matmul shape costs memory for the rest of the process (see
-`qlorakit.estimate`, the kernel cache). `run_shapes` replays what `qlorakit train` feeds the model: the
+`qlorakit.tools.estimate.estimate`, the kernel cache). `run_shapes` replays what `qlorakit train` feeds the model: the
 training micro-batches in the sampler's seeded order (`qlorakit.train.sampler`), the validation batches
 of every evaluation, and the batched greedy generations of the held-out samples. It needs the tokenizer
 (read from the model folder, or from a GGUF file's metadata) and the data, tokenized as training does.
@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.config import Config
-from qlorakit.data import build_datasets
+from qlorakit.core.errors import ModelError
+from qlorakit.data import IGNORE_INDEX, build_datasets
 from qlorakit.data.render import Example
-from qlorakit.errors import ModelError
-from qlorakit.kernel_cache import BatchShape, RunShapes
-from qlorakit.models import BUILTIN_MODELS, convert_gguf, gguf_conversion_cached, resolve_model_path
-from qlorakit.train.head_loss import IGNORE_INDEX
+from qlorakit.models.resolve import BUILTIN_MODELS, convert_gguf, gguf_conversion_cached, resolve_model_path
+from qlorakit.tools.estimate.kernel_cache import BatchShape, RunShapes
 from qlorakit.train.optim import total_steps
 from qlorakit.train.sampler import BatchOrder
 

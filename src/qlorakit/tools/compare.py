@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlorakit.atomic import atomic_write_bytes, atomic_write_text
-from qlorakit.errors import CheckpointError, DependencyError
+from qlorakit.core.atomic import atomic_write_bytes, atomic_write_text
+from qlorakit.core.dtypes import format_bytes
+from qlorakit.core.errors import CheckpointError, DependencyError, QLoraKitError
+from qlorakit.lora.peft_format import WEIGHTS_NAME
+from qlorakit.models.shape import ModelShape
+from qlorakit.tools.estimate.memory import CONFIG_OPTIMIZERS, estimate_memory
+from qlorakit.train.metrics import JSONL, read_records
 
 REPORT = "report.md"
 PLOTS = {"loss": "loss_curves.png", "memory": "peak_memory.png", "speed": "speed.png"}
@@ -84,9 +89,6 @@ def read_run(folder: str | Path, label: str) -> RunResult:
     """A finished run folder (see module doc); CheckpointError naming the missing file otherwise."""
     import yaml
 
-    from qlorakit.lora.peft_format import WEIGHTS_NAME
-    from qlorakit.train.metrics import JSONL, read_records
-
     folder = Path(folder)
     summary_path = folder / SUMMARY
     try:
@@ -151,22 +153,9 @@ def _estimate(run: RunResult, auto_dtype: str | None) -> str:
     return "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB"
 
 
-def _size(n: int) -> str:
-    from qlorakit.estimate import format_bytes
-
-    return format_bytes(n)
-
-
-_OPTIMIZERS = {"adamw": "adamw", "paged_adamw_32bit": "adamw", "adamw_8bit": "adamw_8bit",
-               "paged_adamw_8bit": "adamw_8bit"}  # fmt: skip
-
-
 def estimated_peak(run: RunResult, auto_dtype: str | None) -> int | None:
     """`qlorakit estimate`'s peak RSS for the run's settings at `data.max_length` tokens per row (an upper
     bound: batches are padded only to their longest row); None when the settings cannot be estimated."""
-    from qlorakit.errors import QLoraKitError
-    from qlorakit.estimate import ModelShape, estimate_memory
-
     cfg = run.config
     try:
         q, lo, t = cfg["quant"], cfg["lora"], cfg["train"]
@@ -182,7 +171,7 @@ def estimated_peak(run: RunResult, auto_dtype: str | None) -> int | None:
             targets=lo["target_modules"],
             grad_checkpointing=bool(t["gradient_checkpointing"]),
             compute_dtype=dtype,
-            optimizer=_OPTIMIZERS[t["optim"]],
+            optimizer=CONFIG_OPTIMIZERS[t["optim"]],
             blocksize=int(q["blocksize"]),
             double_quant=bool(q["double_quant"]),
             lora_dropout=float(lo["dropout"]),
@@ -216,7 +205,7 @@ def table_rows(
         ),
         row("Best validation loss", lambda r: _loss(r.summary.get("best_val_loss"))),
         row("Held-out exact match before → after", lambda r: _exact(r.summary)),
-        row("Adapter size on disk", lambda r: _size(r.adapter_bytes)),
+        row("Adapter size on disk", lambda r: format_bytes(r.adapter_bytes)),
         row(
             "Wall time (load, train, evaluate)", lambda r: f"{float(r.summary.get('wall_time_s', 0.0)):.1f} s"
         ),

