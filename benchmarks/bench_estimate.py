@@ -83,10 +83,9 @@ WORDS = [
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from qlorakit.models.shape import smollm2_gguf_path
-    from qlorakit.models.resolve import convert_gguf
+    from qlorakit.models.resolve import builtin_model_path, convert_gguf
 
-    return AutoTokenizer.from_pretrained(str(convert_gguf(smollm2_gguf_path(), name="smollm2-135m")))
+    return AutoTokenizer.from_pretrained(str(convert_gguf(builtin_model_path("smollm2-135m"), name="smollm2-135m")))
 
 
 def make_model_dir(root: Path, name: str, tokenizer) -> Path:
@@ -203,7 +202,8 @@ def predict(model: str, overrides: list[str], tokenizer):
     the config's settings on this machine (compute dtype, allocator mode) over the batch shapes its data
     gives."""
     from qlorakit.config import load_config
-    from qlorakit.tools.estimate.estimate import ModelShape, RunSettings
+    from qlorakit.models.shape import ModelShape
+    from qlorakit.tools.estimate.advice import RunSettings
     from qlorakit.tools.estimate.run_shapes import run_shapes
     from qlorakit.train.recipe import SAMPLE_BATCH
 

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
-from qlorakit.core.atomic import is_temporary
 from qlorakit.cli import main
 from qlorakit.config import DataConfig, DatasetSpec
-from qlorakit.data import build_datasets
+from qlorakit.core.atomic import is_temporary
 from qlorakit.core.errors import DataError
+from qlorakit.data import build_datasets
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ROWS = [

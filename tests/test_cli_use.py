@@ -63,7 +63,7 @@ def setup(tmp_path_factory) -> Path:
 
 
 def server(setup: Path, four_bit: bool = True):
-    from qlorakit.eval.generation import AdapterServer
+    from qlorakit.eval.serving import AdapterServer
 
     return AdapterServer(
         setup / "base", {"alpha": setup / "alpha", "beta": setup / "beta"}, four_bit=four_bit

@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.cli import main
+from qlorakit.core.errors import CheckpointError
+from qlorakit.core.outputs import write_marker
 from qlorakit.tools.compare import (
     PLOTS,
     REPORT,
@@ -25,8 +27,6 @@ from qlorakit.tools.compare import (
     setting_differences,
     write_report,
 )
-from qlorakit.core.errors import CheckpointError
-from qlorakit.core.outputs import write_marker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -158,7 +158,8 @@ def test_report_builder_on_synthetic_runs(tmp_path):
 
 def test_estimated_peak_uses_the_run_settings(tmp_path):
     from qlorakit.config import config_to_dict, load_config
-    from qlorakit.tools.estimate.estimate import ModelShape, estimate_memory
+    from qlorakit.models.shape import ModelShape
+    from qlorakit.tools.estimate.memory import estimate_memory
 
     make_tiny_llama(hidden_size=128, intermediate_size=256, vocab_size=1000).save_pretrained(tmp_path / "m")
     settings = ["--train.batch_size=3", "--data.max_length=96", "--lora.r=4", "--lora.dropout=0.1"]
@@ -314,7 +315,7 @@ def test_compare_end_to_end_on_a_tiny_model(tmp_path, capsys):
     )
     assert sentence in text and sentence in printed
     assert "nf4 4-bit" in text and "16-bit (no quantization)" in text
-    from qlorakit.train.recipe import resolve_compute_dtype
+    from qlorakit.models.load import resolve_compute_dtype
 
     resolved = str(resolve_compute_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert f"| Compute dtype | auto ({resolved}) | auto ({resolved}) |" in text

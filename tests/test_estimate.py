@@ -10,18 +10,13 @@ import torch
 
 from conftest import make_tiny_llama
 from qlorakit.config import Config, load_config
+from qlorakit.core.dtypes import format_bytes, parse_size
 from qlorakit.core.errors import ConfigError
-from qlorakit.tools.estimate.estimate import (
-    ModelShape,
-    RunSettings,
-    advise,
-    estimate_memory,
-    format_bytes,
-    parse_size,
-    quantized_bytes,
-)
-from qlorakit.tools.estimate.kernel_cache import KERNEL_BYTES, BatchShape, RunShapes, linear_kernels
 from qlorakit.core.memory import block_cache_bytes, requested_mode
+from qlorakit.models.shape import ModelShape
+from qlorakit.tools.estimate.advice import RunSettings, advise
+from qlorakit.tools.estimate.kernel_cache import KERNEL_BYTES, BatchShape, RunShapes, linear_kernels
+from qlorakit.tools.estimate.memory import estimate_memory, quantized_bytes
 
 pytestmark = pytest.mark.dtype_sensitive
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from qlorakit.models import resolve as models
 from qlorakit.core.errors import ModelError
+from qlorakit.models import resolve as models
 from qlorakit.models.resolve import (
     DEFAULT_MODEL,
     PROVENANCE_FILE,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from qlorakit.config import DataConfig, DatasetSpec, config_from_dict
-from qlorakit.data import IGNORE_INDEX, build_datasets, check_datasets, prompt_ids, render_record
 from qlorakit.core.errors import DataError
+from qlorakit.data import IGNORE_INDEX, build_datasets, check_datasets, prompt_ids, render_record
 
 
 def write_rows(path: Path, prefix: str, n: int) -> str:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
+from qlorakit.core.errors import DataError
 from qlorakit.data import IGNORE_INDEX, Example, block_causal_mask, collate, pack_examples, render_record
 from qlorakit.data.collate import segment_ids
 from qlorakit.data.formats import Message, Record
-from qlorakit.core.errors import DataError
 
 ROWS = [
     ("Reverse the word.\n\nhello", "olleh"),

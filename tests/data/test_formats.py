@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from qlorakit.config import DatasetSpec
-from qlorakit.data import Message, builtin_path, load_records
 from qlorakit.core.errors import DataError
+from qlorakit.data import Message, builtin_path, load_records
 
 ROOT = Path(__file__).resolve().parents[2]
 

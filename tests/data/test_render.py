@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
+from qlorakit.core.errors import DataError
 from qlorakit.data import IGNORE_INDEX, Message, Record, prompt_ids, render_record, resolve_template
 from qlorakit.data.render import ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, render_tokens
-from qlorakit.core.errors import DataError
 
 
 def conv(*turns: str, system: str | None = None) -> Record:

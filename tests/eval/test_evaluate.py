@@ -10,7 +10,8 @@ import torch
 
 from qlorakit.config import LoRAConfig
 from qlorakit.core.errors import ConfigError, DataError
-from qlorakit.eval.evaluate import evaluate, masked_nll, response_loss
+from qlorakit.eval.evaluate import evaluate, response_loss
+from qlorakit.loss import next_token_nll
 
 ROWS = [
     {"instruction": "Reverse the word.", "input": "hello", "output": "olleh"},
@@ -40,8 +41,8 @@ def train_adapter(model_dir, data_file, out, *, steps: int = 60):
     """A real adapter: a few AdamW steps of response-only LoRA training on the 4-bit base."""
     from qlorakit.config import DatasetSpec, QuantConfig
     from qlorakit.data import collate, load_records, render_record
-    from qlorakit.eval.generation import load_base
     from qlorakit.lora import inject_lora, save_adapter
+    from qlorakit.models.load import load_base
 
     model, tokenizer = load_base(model_dir, four_bit=True, quant=QuantConfig(compute_dtype="float32"))
     cfg = LoRAConfig(r=8, alpha=16.0, dropout=0.0)
@@ -69,10 +70,10 @@ def test_masked_nll_matches_transformers_loss(tiny_llama):
     labels[2, 9:] = -100
     with torch.no_grad():
         out = tiny_llama(input_ids=ids, labels=labels)
-    total, count = masked_nll(out.logits, labels)
+    total, count = next_token_nll(out.logits, labels)
     assert count == 3 * 11 - 3 * 4 - 3
     assert float(total) / count == pytest.approx(float(out.loss), rel=1e-5)
-    assert masked_nll(out.logits, torch.full_like(labels, -100))[1] == 0
+    assert next_token_nll(out.logits, torch.full_like(labels, -100))[1] == 0
 
 
 def test_response_loss_scores_only_responses(tiny_llama, tiny_tokenizer):

@@ -9,15 +9,9 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.config import LoRAConfig, QuantConfig
 from qlorakit.core.errors import ConfigError, ModelError
-from qlorakit.eval.generation import (
-    AdapterServer,
-    GenerationSettings,
-    generate_ids,
-    generate_text,
-    load_base,
-    parse_adapter_specs,
-    render_prompt,
-)
+from qlorakit.eval.generation import GenerationSettings, generate_ids, generate_text, render_prompt
+from qlorakit.eval.serving import AdapterServer
+from qlorakit.models.load import load_base, parse_adapter_specs
 
 FP32 = QuantConfig(compute_dtype="float32")
 PROMPT = "What is 2 + 3?"
@@ -188,7 +182,7 @@ def test_base_is_built_with_the_quant_settings_saved_by_training(setup, tmp_path
     """`qlorakit train` saves config.yaml beside the adapter; the 4-bit base is rebuilt the same way."""
     import shutil
 
-    from qlorakit.eval.generation import adapter_quant_config
+    from qlorakit.models.load import adapter_quant_config
     from qlorakit.quant.linear import Linear4bit
 
     adapter = tmp_path / "alpha128"

@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.core.errors import ConfigError
-from qlorakit.eval.generation import GenerationSettings, generate_greedy_batch, generate_ids, render_prompt
+from qlorakit.eval.generation import GenerationSettings, generate_ids, render_prompt
+from qlorakit.models.decode import generate_greedy_batch
 
 PROMPTS = [
     "What is 2 + 3?",

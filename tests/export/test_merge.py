@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_llama
 from qlorakit.config import LoRAConfig, QuantConfig
 from qlorakit.core.errors import CheckpointError, ConfigError, FormatError
-from qlorakit.export.merge import merge_adapter, merge_lora_weight, sample_inputs
 from qlorakit.core.outputs import OutputError
+from qlorakit.export.merge import merge_adapter, sample_inputs
+from qlorakit.lora.layer import merge_lora_weight
 
 FP32 = QuantConfig(compute_dtype="float32")
 
@@ -47,8 +48,8 @@ def make_adapter(model_dir, out, *, seed: int, use_dora: bool = False, r: int = 
 
 
 def adapted_logits(model_dir, adapter_dir, ids, *, four_bit: bool):
-    from qlorakit.eval.generation import load_base
     from qlorakit.lora import load_adapter
+    from qlorakit.models.load import load_base
 
     model, _ = load_base(model_dir, four_bit=four_bit, quant=FP32)
     load_adapter(model, adapter_dir)

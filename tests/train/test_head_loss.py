@@ -11,18 +11,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_llama
 from qlorakit.config import LoRAConfig
+from qlorakit.core.errors import DataError
 from qlorakit.data.collate import collate, pack_examples
 from qlorakit.data.render import Example
-from qlorakit.core.errors import DataError
 from qlorakit.lora.inject import inject_lora, prepare_for_kbit_training
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
-from qlorakit.train.distributed import DistContext
 from qlorakit.loss import (
     causal_lm_loss_sum,
     fused_output_head,
     linear_cross_entropy_sum,
     token_loss_sum,
 )
+from qlorakit.train.distributed import DistContext
 from qlorakit.train.loop import accumulate_gradients, evaluate_loss
 
 pytestmark = pytest.mark.dtype_sensitive

@@ -10,8 +10,9 @@ from _tinytrain import collate, make_examples, run_tiny, tiny_lora_model, traina
 from safetensors.torch import load_file
 
 from qlorakit.config import TrainConfig
+from qlorakit.loss import token_loss_sum
 from qlorakit.train import checkpoint as ckpt
-from qlorakit.train.loop import TrainingDivergedError, count_label_tokens, token_loss_sum
+from qlorakit.train.loop import TrainingDivergedError, count_label_tokens
 from qlorakit.train.metrics import read_records
 
 pytestmark = pytest.mark.dtype_sensitive

@@ -9,6 +9,10 @@ import argparse
 import sys
 from typing import TextIO
 
+from qlorakit.commands.generate import add_model_arguments, add_sampling_arguments, open_server
+from qlorakit.data import Message
+from qlorakit.eval.generation import GenerationSettings
+
 HELP = (
     "commands: /adapter NAME (switch adapter), /base (no adapter), /adapters (list), /reset (forget the "
     "conversation), /quit"
@@ -16,8 +20,6 @@ HELP = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from qlorakit.commands.generate import add_model_arguments, add_sampling_arguments
-
     parser = subparsers.add_parser(
         "chat",
         help="chat with a model and adapters in the terminal",
@@ -73,8 +75,6 @@ class ChatSession:
         return True
 
     def reply(self, text: str) -> str:
-        from qlorakit.data import Message
-
         self.history.append(Message("user", text))
         messages = ([Message("system", self.system)] if self.system else []) + self.history
 
@@ -90,9 +90,6 @@ class ChatSession:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.commands.generate import open_server
-    from qlorakit.eval.generation import GenerationSettings
-
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     server = open_server(args)
     adapter = args.adapter_name or (server.adapter_names[0] if server.adapter_names else None)

@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qlorakit.config import load_config
 from qlorakit.core.errors import ConfigError, QLoraKitError
 from qlorakit.core.outputs import OutputPlan, check_output, claim_folder, disk_errors
+from qlorakit.models.load import resolve_compute_dtype
+from qlorakit.tools.compare import PLOTS, REPORT, conclusion, read_run, require_matplotlib, write_report
 
 # (folder name, report label, quant.enabled)
 RUNS = (("lora16", "16-bit LoRA", False), ("qlora", "QLoRA", True))
@@ -68,8 +71,6 @@ def train_command(config: str, overrides: list[str], quant: bool, out_dir: Path)
 
 def _check(config: str, overrides: list[str], out: Path | None, overwrite: bool) -> OutputPlan:
     """Validate the config, the overrides for both runs and the output folder before any training."""
-    from qlorakit.config import load_config
-
     clashes = [o for o in overrides if o.startswith(_RESERVED)]
     if clashes:
         raise ConfigError(
@@ -104,15 +105,11 @@ def _auto_dtype() -> str:
     """What `quant.compute_dtype: auto` means for a single-process run on this machine."""
     import torch
 
-    from qlorakit.models.load import resolve_compute_dtype
-
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     return str(resolve_compute_dtype("auto", device)).removeprefix("torch.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.tools.compare import PLOTS, REPORT, conclusion, read_run, require_matplotlib, write_report
-
     overrides = list(args.overrides)
     plan = _check(args.config, overrides, Path(args.out) if args.out else None, args.overwrite)
     out = plan.path

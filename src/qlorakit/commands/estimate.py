@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from qlorakit.config import Config, config_from_dict, load_config
+from qlorakit.core.dtypes import dtype_name, format_bytes, parse_size
 from qlorakit.core.errors import ConfigError, ModelError
-
-if TYPE_CHECKING:  # the modules themselves are imported in `run`: `qlorakit --help` stays fast
-    from qlorakit.config import Config
-    from qlorakit.models.shape import ModelShape
-    from qlorakit.tools.estimate.advice import Advice, RunSettings
-    from qlorakit.tools.estimate.kernel_cache import RunShapes
-    from qlorakit.tools.estimate.memory import MemoryEstimate
+from qlorakit.models.shape import ModelShape, model_source
+from qlorakit.tools.estimate.advice import Advice, RunSettings, advise
+from qlorakit.tools.estimate.kernel_cache import RunShapes
+from qlorakit.tools.estimate.memory import METHODS, MemoryEstimate
+from qlorakit.tools.estimate.run_shapes import load_tokenizer, run_shapes
+from qlorakit.train.recipe import SAMPLE_BATCH
 
 _ROWS = (
     ("weights", "Weights"),
@@ -113,8 +113,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _check_options(args: argparse.Namespace) -> tuple[int | None, list[str]]:
     """(the budget in bytes, the explicit options as config overrides, applied last so they win);
     one ConfigError naming every bad option."""
-    from qlorakit.core.dtypes import dtype_name, parse_size
-
     budget = None
     errors = []
     if args.budget is not None:
@@ -166,9 +164,6 @@ def _check_options(args: argparse.Namespace) -> tuple[int | None, list[str]]:
 
 def _load(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, ModelShape, bool]:
     """(the run's config with every override, the model's shape, whether a YAML was given)."""
-    from qlorakit.config import config_from_dict, load_config
-    from qlorakit.models.shape import ModelShape, model_source
-
     if Path(args.model).suffix in (".yaml", ".yml"):
         cfg = load_config(args.model, overrides)
         return cfg, ModelShape.from_config(model_source(cfg.model.name, args.model)), True
@@ -178,9 +173,6 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, Model
 
 def _shapes(cfg: Config, source: str, notes: list[str]) -> RunShapes | None:
     """The run's batch shapes replayed from its data; None (with a note) when the tokenizer is missing."""
-    from qlorakit.tools.estimate.run_shapes import load_tokenizer, run_shapes
-    from qlorakit.train.recipe import SAMPLE_BATCH
-
     try:
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     except ModelError as exc:
@@ -221,8 +213,6 @@ def _describe(cfg: Config, s: RunSettings, shapes: RunShapes | None) -> str:
 
 
 def _advice_lines(advice: Advice, seq: int) -> list[str]:
-    from qlorakit.core.dtypes import format_bytes
-
     lines = [f"\nWithin {format_bytes(advice.budget_bytes)}:"]
     for m in advice.methods:
         if not m.fits:
@@ -253,8 +243,6 @@ def _unmodeled(cfg: Config) -> list[str]:
 
 
 def _component_table(estimates: list[MemoryEstimate], methods: tuple[str, ...]) -> str:
-    from qlorakit.core.dtypes import format_bytes
-
     rows = [[label, *(format_bytes(e.components[key]) for e in estimates)] for key, label in _ROWS]
     rows.append(["Trainable parameters", *(f"{e.trainable_params / 1e6:,.2f}M" for e in estimates)])
     for label, value in (("Training total", "training"), ("Loading peak", "loading"),
@@ -264,10 +252,6 @@ def _component_table(estimates: list[MemoryEstimate], methods: tuple[str, ...]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.models.shape import model_source
-    from qlorakit.tools.estimate.advice import RunSettings, advise
-    from qlorakit.tools.estimate.memory import METHODS
-
     # everything is read and checked before the first line is printed
     budget, flag_overrides = _check_options(args)
     cfg, shape, from_yaml = _load(args, [*args.overrides, *flag_overrides])

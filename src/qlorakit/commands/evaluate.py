@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qlorakit.eval.evaluate import evaluate
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -41,8 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.eval.evaluate import evaluate
-
     report = evaluate(
         args.model,
         args.data,

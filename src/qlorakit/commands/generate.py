@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlorakit.core.errors import ConfigError
+from qlorakit.eval.generation import GenerationSettings
+from qlorakit.eval.serving import AdapterServer
+from qlorakit.models.load import parse_adapter_specs
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = True) -> None:
     """Arguments shared by generate and chat: the model, adapters, 16-bit switch and template."""
@@ -60,10 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def open_server(args: argparse.Namespace):
     """An AdapterServer for the command's model and adapters, and the adapter to start with."""
-    from qlorakit.core.errors import ConfigError
-    from qlorakit.eval.serving import AdapterServer
-    from qlorakit.models.load import parse_adapter_specs
-
     adapters = parse_adapter_specs(args.adapter)
     if args.adapter_name is not None and args.adapter_name not in adapters:
         known = ", ".join(adapters) or "none given"
@@ -73,8 +74,6 @@ def open_server(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.eval.generation import GenerationSettings
-
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     server = open_server(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlorakit.export.merge import merge_adapter
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -42,8 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import warnings
-
-    from qlorakit.export.merge import merge_adapter
 
     if args.to == "nf4":
         print(

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import torch
 
+from qlorakit.core.dtypes import format_bytes, parse_dtype
 from qlorakit.core.errors import ConfigError
 from qlorakit.core.outputs import OutputError, OutputPlan, check_output
+from qlorakit.eval.perplexity import builtin_eval_text, perplexity
+from qlorakit.models.resolve import DEFAULT_MODEL, is_quantized_folder, load_model, resolve_model_path
 from qlorakit.models.shape import estimated_bytes
+from qlorakit.quant.convert import quantize_model, save_quantized
+from qlorakit.quant.report import format_report
 
-COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,6 @@ class QuantizeArgs:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from qlorakit.models.resolve import DEFAULT_MODEL
-
     parser = subparsers.add_parser(
         "quantize",
         help="quantize a model to 4 bits and save a bitsandbytes-compatible folder",
@@ -81,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--compute-dtype",
-        choices=tuple(COMPUTE_DTYPES),
+        choices=COMPUTE_DTYPES,
         default="auto",
         help="dtype of the 4-bit layers' matmuls (auto: bfloat16 where the hardware runs it natively, else float32)",
     )
@@ -127,7 +130,7 @@ def parse_args(args: argparse.Namespace) -> QuantizeArgs:
         blocksize=b,
         double_quant=args.double_quant,
         skip=("lm_head",) if args.skip is None else tuple(args.skip),
-        compute_dtype=COMPUTE_DTYPES[args.compute_dtype],
+        compute_dtype=None if args.compute_dtype == "auto" else parse_dtype(args.compute_dtype),
         perplexity=args.perplexity,
         max_length=args.max_length,
         max_shard_size=args.max_shard_size,
@@ -141,11 +144,6 @@ def _folder_bytes(folder: Path) -> int:
 
 def quantize_command(opts: QuantizeArgs) -> str:
     """Load, measure, quantize, measure, save; returns the report text."""
-    from qlorakit.eval.perplexity import builtin_eval_text, perplexity
-    from qlorakit.models.resolve import is_quantized_folder, load_model, resolve_model_path
-    from qlorakit.quant.convert import quantize_model, save_quantized
-    from qlorakit.quant.report import format_bytes, format_report
-
     source = resolve_model_path(opts.model)
     if source.is_dir() and is_quantized_folder(source):
         raise ConfigError(f"{source} is already a 4-bit folder; quantize the original (16-bit) model instead")

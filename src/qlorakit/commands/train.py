@@ -14,11 +14,14 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from qlorakit import config
+from qlorakit.config import Config, load_config
+from qlorakit.core.outputs import OutputPlan, disk_errors
+from qlorakit.train.recipe import run_training
+
 
 def _field_docs() -> dict[tuple[str, str], str]:
     """(class name, field) -> the docstring written under the field in config.py."""
-    from qlorakit import config
-
     docs: dict[tuple[str, str], str] = {}
     tree = ast.parse(inspect.getsource(config))
     for node in tree.body:
@@ -39,8 +42,6 @@ def _field_docs() -> dict[tuple[str, str], str]:
 
 def config_help() -> str:
     """Every `--section.key` with its default and description (from the config dataclasses)."""
-    from qlorakit.config import Config
-
     docs = _field_docs()
     lines = ["configuration keys (YAML sections, or --section.key=value overrides):"]
     for section in dataclasses.fields(Config):
@@ -79,10 +80,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.config import load_config
-    from qlorakit.core.outputs import OutputPlan, disk_errors
-    from qlorakit.train.recipe import run_training
-
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("--train.resume=auto")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlorakit.core.dtypes import format_bytes
+
 # Elements compared at a time: keeps the fp32 temporaries of the error computation to a few MB.
 _CHUNK = 1 << 18
 
@@ -99,15 +101,6 @@ class QuantizeReport:
     @property
     def max_abs_err(self) -> float:
         return max((layer.max_abs_err for layer in self.layers), default=0.0)
-
-
-def format_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _layer_rows(layers: Sequence[LayerReport], max_rows: int) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.core.atomic import atomic_write_bytes, atomic_write_text
+from qlorakit.core.memory import peak_rss_bytes
 
 JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
@@ -134,8 +135,6 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process in MiB (see qlorakit.core.memory.peak_rss_bytes)."""
-    from qlorakit.core.memory import peak_rss_bytes
-
     return peak_rss_bytes() / 2**20
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from qlorakit.config import Config
 from qlorakit.core.errors import ModelError
-from qlorakit.data import IGNORE_INDEX, build_datasets
+from qlorakit.data import IGNORE_INDEX, build_datasets, prompt_ids, reference_answer
 from qlorakit.data.render import Example
 from qlorakit.models.resolve import BUILTIN_MODELS, convert_gguf, gguf_conversion_cached, resolve_model_path
 from qlorakit.tools.estimate.kernel_cache import BatchShape, RunShapes
@@ -50,9 +50,6 @@ def _generation_shapes(
     val_records: list[Any], tokenizer: Any, cfg: Config, batch: int
 ) -> set[tuple[int, int]]:
     """(rows, prompt width) of each `generate` call over the held-out samples (left-padded prompts)."""
-    from qlorakit.data import prompt_ids
-    from qlorakit.eval.evaluate import reference_answer
-
     records = [r for r in val_records if reference_answer(r) is not None][: cfg.output.samples]
     widths = [len(prompt_ids(r, tokenizer, cfg.data.template)) for r in records]
     return {(len(widths[k : k + batch]), max(widths[k : k + batch])) for k in range(0, len(widths), batch)}
