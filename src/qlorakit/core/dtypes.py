@@ -29,6 +29,8 @@ _ALIASES = {
     "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
 }  # fmt: skip
 _NAMES = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
+FLOAT_DTYPE_NAMES = frozenset(_ALIASES)
+"""Every name `dtype_name` reads (lower case, without a `torch.` prefix)."""
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:

@@ -17,8 +17,9 @@ from torch import nn
 
 from qlorakit.config import LoRAConfig, lora_regex_problems
 from qlorakit.core.errors import ConfigError, ModelError
-from qlorakit.lora.layer import LoRALinear, linear4bit_class
+from qlorakit.lora.layer import LoRALinear
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
+from qlorakit.quant.linear import Linear4bit
 
 ALL_LINEAR = "all-linear"
 # PEFT's default layer-index rule: the first numbered path segment, e.g. `model.layers.3.` or `transformer.h.3.`.
@@ -56,7 +57,7 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | linear4bit_class() | LoRALinear)
+    return isinstance(module, nn.Linear | Linear4bit | LoRALinear)
 
 
 def output_head_path(model: nn.Module) -> str | None:
@@ -267,8 +268,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit packed weight counts 2 parameters per byte."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    linear4bit = linear4bit_class()
-    total += sum(2 * m.packed.numel() for m in model.modules() if isinstance(m, linear4bit))
+    total += sum(2 * m.packed.numel() for m in model.modules() if isinstance(m, Linear4bit))
     return trainable, total
 
 

@@ -26,6 +26,7 @@ from qlorakit.lora.dora import (
 )
 from qlorakit.lora.dropout import dropout
 from qlorakit.lora.functional import branch_dtype, lora_forward
+from qlorakit.quant.linear import Linear4bit
 
 INITS = ("default", "gaussian")
 
@@ -92,17 +93,11 @@ def init_lora_weights(
 # The module
 
 
-def linear4bit_class() -> type:
-    from qlorakit.quant.linear import Linear4bit  # lazily: the quant package imports nothing from here
-
-    return Linear4bit
-
-
 def base_kind(base: nn.Module) -> str:
     """`"linear"` for nn.Linear, `"4bit"` for Linear4bit; anything else is a ModelError."""
     if isinstance(base, nn.Linear):
         return "linear"
-    if isinstance(base, linear4bit_class()):
+    if isinstance(base, Linear4bit):
         return "4bit"
     raise ModelError(
         f"LoRA wraps nn.Linear or qlorakit Linear4bit layers; got {type(base).__module__}.{type(base).__name__}. "

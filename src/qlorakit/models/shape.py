@@ -15,28 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlorakit.core.dtypes import FLOAT_DTYPE_NAMES, dtype_name
 from qlorakit.core.errors import ConfigError, QLoraKitError
 from qlorakit.models.resolve import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_path, gguf_conversion_cached
-
-_DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
-}  # fmt: skip
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def dtype_name(dtype: Any) -> str:
-    """The canonical name ("float32", "bfloat16", "float16") of a dtype name or `torch.dtype`."""
-    name = str(dtype).removeprefix("torch.").lower()
-    if name not in _DTYPE_ALIASES:
-        raise ConfigError(f"unknown compute dtype {dtype!r}; use one of float32, bfloat16, float16")
-    return _DTYPE_ALIASES[name]
-
-
-def dtype_bytes(dtype: Any) -> int:
-    """Bytes per element of a float dtype given as a name ("bfloat16", "fp32") or a `torch.dtype`."""
-    return _BYTES[dtype_name(dtype)]
 
 
 @dataclass(frozen=True)
@@ -221,7 +202,7 @@ def _shape_from_dict(cfg: dict[str, Any], where: str) -> ModelShape:
         norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2,
         layer_norm=model_type == "gpt2",
         learned_positions=int(cfg.get("n_positions") or 1024) if model_type == "gpt2" else 0,
-        checkpoint_dtype=_DTYPE_ALIASES.get(dtype.lower(), "float32"),
+        checkpoint_dtype=dtype_name(dtype) if dtype.lower() in FLOAT_DTYPE_NAMES else "float32",
         checkpoint_format=str(cfg.get("_checkpoint_format", "safetensors")),
         gguf_converted=bool(cfg.get("_gguf_converted", False)),
         max_positions=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),

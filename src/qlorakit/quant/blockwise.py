@@ -12,10 +12,11 @@ from types import ModuleType
 
 import torch
 
+from qlorakit.core.dtypes import FLOAT_DTYPES
 from qlorakit.core.errors import QuantizationError
 from qlorakit.quant import kernels
 from qlorakit.quant.codes import DYNAMIC_CODE, get_code, quantize_bounds
-from qlorakit.quant.state import BLOCKSIZES, FLOAT_DTYPES, NestedState, QuantState
+from qlorakit.quant.state import BLOCKSIZES, NestedState, QuantState
 
 NESTED_BLOCKSIZE = 256
 # bitsandbytes clamps the block scale before taking its reciprocal (all-zero blocks)

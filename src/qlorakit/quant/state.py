@@ -14,15 +14,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from qlorakit.core.dtypes import FLOAT_DTYPES, dtype_name
 from qlorakit.core.errors import CheckpointError, QuantizationError
 from qlorakit.quant.codes import QUANT_TYPES, get_code
 
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-_DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # dtypes bitsandbytes accepts as `quant_storage` for the packed weight (read back as raw bytes)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
@@ -105,7 +100,7 @@ def _validate_state(state: QuantState) -> None:
         problems.append(f"quant_type {state.quant_type!r} is not one of {QUANT_TYPES}")
     if state.blocksize not in BLOCKSIZES:
         problems.append(f"blocksize {state.blocksize!r} is not one of {BLOCKSIZES}")
-    if state.dtype not in _DTYPE_NAMES:
+    if state.dtype not in FLOAT_DTYPES.values():
         problems.append(f"dtype {state.dtype} is not one of {tuple(FLOAT_DTYPES)}")
     if len(state.shape) == 0 or any(d <= 0 for d in state.shape):
         problems.append(f"shape {tuple(state.shape)} must have at least one dimension, all positive")
@@ -131,11 +126,6 @@ def _validate_state(state: QuantState) -> None:
             )
     if problems:
         raise QuantizationError("inconsistent QuantState: " + "; ".join(problems))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The bitsandbytes JSON name of a float dtype ("float32", "bfloat16", "float16")."""
-    return _DTYPE_NAMES[dtype]
 
 
 def _state_json(state: QuantState) -> dict[str, object]:

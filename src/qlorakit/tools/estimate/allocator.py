@@ -14,9 +14,10 @@ runs of SmolLM2-135M, fp32 and bf16 compute, each mode in its own process.
 
 from __future__ import annotations
 
+from qlorakit.core.dtypes import dtype_bytes
 from qlorakit.core.errors import ConfigError
 from qlorakit.core.memory import DEFAULT_MMAP_THRESHOLD, MODES, block_cache_bytes
-from qlorakit.models.shape import LinearShape, ModelShape, dtype_bytes
+from qlorakit.models.shape import LinearShape, ModelShape
 
 ALLOCATOR_MODES = MODES
 # Share of a non-checkpointed pass's activations glibc's heap keeps beyond what the run holds, of the
