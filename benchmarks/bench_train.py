@@ -121,7 +121,8 @@ def auto_dtype() -> str:
 
 
 _DEFAULT_MALLOC_PROBE = (
-    "from qlorakit.core import memory; memory.configure_allocator(); print(memory.allocator_mode())"
+    "from qlorakit.core import memory, native; memory.configure_allocator(); "
+    "import qlorakit.lora, qlorakit.quant; native.available(); print(memory.allocator_mode())"
 )
 
 
@@ -131,7 +132,7 @@ def qlorakit_default_malloc() -> str:
     The command line calls `configure_allocator()` at start-up; what that applies with
     QLORAKIT_MALLOC_TUNING unset is the default (including its fallbacks: off glibc nothing, without the
     compiled kernels no block cache). Asked in a fresh process because it changes the caller's allocator;
-    it also builds the native library if a mode needs it, so no worker's load time includes a compile.
+    it also builds the native kernels (each package's library), so no worker's load time includes a compile.
     """
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
     out = subprocess.run(

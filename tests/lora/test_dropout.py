@@ -25,7 +25,7 @@ ISAS = {"avx512": [0, 1, 2], "avx2": [0, 1], "scalar": [0]}.get(native.isa(), [0
 def test_kernel_mask_equals_reference(isa, n, p):
     seed = d.draw_seed()
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-    assert native.library().qlk_dropout_mask(seed, n, d.threshold(p), bits.data_ptr(), isa) == 0
+    assert native.library(d.SOURCE).qlk_dropout_mask(seed, n, d.threshold(p), bits.data_ptr(), isa) == 0
     assert torch.equal(d.unpack_bits(bits, n), d.keep_mask_reference(seed, n, p))
 
 

@@ -1,22 +1,20 @@
-"""The C++ CPU kernels: one shared library compiled on first use, loaded with ctypes.
+"""The C++ CPU kernels: each package's sources compiled on first use into a shared library, loaded with ctypes.
 
 This module knows no package's sources: each package hands it its own with `register(source, signatures)`
 when its wrapper module is imported (`qlorakit.quant.kernels`: `quant/csrc/nf4_cpu.cpp`, 4-bit blockwise
-quantization with bitsandbytes semantics; `qlorakit.lora.dropout`: `lora/csrc/dropout_cpu.cpp`, LoRA dropout
-masks; `qlorakit.core.memory`: `core/csrc/block_cache.cpp`, the CPU allocator). Everything registered when
-the library is first asked for is compiled together with `torch.utils.cpp_extension.load` into
+quantization with bitsandbytes semantics, and `qlk_best_isa`; `qlorakit.lora.dropout`:
+`lora/csrc/dropout_cpu.cpp`, LoRA dropout masks; `qlorakit.core.memory`: `core/csrc/block_cache.cpp`, the CPU
+allocator). Each source is compiled on its first use with `torch.utils.cpp_extension.load` into
 `$QLORAKIT_CACHE/ext/<key>` (default `~/.cache/qlorakit/ext/<key>`, see `qlorakit.core.paths`), where the key
-hashes the sources, the torch and Python versions, the compiler and the CPU flags, so later processes load
-the cached shared object in milliseconds. (The `qlorakit` command imports every wrapper before it first
-asks, so it builds one library; a source registered after that gets a library of its own.) The sources
-include only `<ATen/Parallel.h>`, `<c10/util/Half.h>` and c10's allocator headers, which keeps the first
-compile short, and export plain C functions over raw pointers: the Python wrappers validate every tensor and
-allocate the outputs. Work runs on torch's intra-op thread pool (`at::parallel_for`), so
-`torch.set_num_threads` governs it.
+hashes the source, the torch and Python versions, the compiler and the CPU flags, so later processes load the
+cached shared object in milliseconds whatever order the packages were imported in. The sources include only
+`<ATen/Parallel.h>`, `<c10/util/Half.h>` and c10's allocator headers, which keeps a compile short, and
+export plain C functions over raw pointers: the Python wrappers validate every tensor and allocate the
+outputs. Work runs on torch's intra-op thread pool (`at::parallel_for`), so `torch.set_num_threads` governs it.
 
-Vector paths (AVX-512, AVX2, scalar) are chosen at run time inside the library. If anything fails (no compiler,
-unsupported platform) a one-line warning is issued once, `available()` returns False and callers use their
-plain-torch reference. `QLORAKIT_NO_KERNELS=1` disables the fast path.
+Vector paths (AVX-512, AVX2, scalar) are chosen at run time inside the libraries. If anything fails (no
+compiler, unsupported platform) a one-line warning is issued once, `available()` returns False and callers
+use their plain-torch reference. `QLORAKIT_NO_KERNELS=1` disables the fast path.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +40,8 @@ Signatures = dict[str, tuple[Any, list[Any]]]
 _lock = threading.Lock()
 #: source -> the signatures of the functions it exports, as handed in by its package.
 _registered: dict[Path, Signatures] = {}
-#: Every library loaded in this process with the sources it was built from (normally exactly one).
-_loaded: list[tuple[frozenset[Path], ctypes.CDLL]] = []
+#: source -> its loaded library.
+_loaded: dict[Path, ctypes.CDLL] = {}
 _failed = False
 _isa: int | None = None
 #: Seconds the last successful load took (compile or cached load), for benchmarks.
@@ -52,9 +49,9 @@ load_seconds: float | None = None
 
 
 def register(source: str | Path, signatures: Signatures) -> Path:
-    """Hand a C++ source and the signatures of the C functions it exports to the shared library.
+    """Hand a C++ source and the signatures of the C functions it exports to this builder.
 
-    Called by each package's wrapper module at import time; returns the source path to ask `library` with.
+    Called by each package's wrapper module at import time; returns the path to ask `library` with.
     """
     path = Path(source)
     with _lock:
@@ -81,36 +78,34 @@ def _compiler_version() -> str:
         return cxx
 
 
-def build_directory(sources: Iterable[Path] | None = None) -> Path:
-    """The cache folder of the compiled library for these sources (default: every registered one), torch,
-    Python, compiler and CPU."""
+def build_directory(source: Path) -> Path:
+    """The cache folder of the compiled library of `source` for this torch, Python, compiler and CPU."""
     import torch  # here, not at the top: `qlorakit --help` imports this module (via memory) and stays fast
 
     key = hashlib.sha256()
-    parts = [s.read_bytes() for s in _ordered(_registered if sources is None else sources)]
-    parts += [torch.__version__.encode(), sys.version.encode(), _compiler_version().encode()]
+    parts = [
+        source.read_bytes(),
+        torch.__version__.encode(),
+        sys.version.encode(),
+        _compiler_version().encode(),
+    ]
     for part in (*parts, _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
     return cache_root() / "ext" / key.hexdigest()[:16]
 
 
-def _ordered(sources: Iterable[Path]) -> list[Path]:
-    """Sources in a fixed order (by file name), so the cache key does not depend on import order."""
-    return sorted(sources, key=lambda s: (s.name, str(s)))
-
-
-def _load(sources: frozenset[Path]) -> ctypes.CDLL:
+def _load(source: Path) -> ctypes.CDLL:
     from torch.utils.cpp_extension import load
 
     global load_seconds
     start = time.perf_counter()
-    build_dir = build_directory(sources)
+    build_dir = build_directory(source)
     build_dir.mkdir(parents=True, exist_ok=True)
     # -fopenmp makes at::parallel_for use OpenMP like torch does; libgomp resolves to the copy torch loaded.
     path = load(
-        name=f"qlorakit_native_{build_dir.name}",
-        sources=[str(s) for s in _ordered(sources)],
+        name=f"qlorakit_{source.stem}_{build_dir.name}",
+        sources=[str(source)],
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
@@ -118,10 +113,9 @@ def _load(sources: frozenset[Path]) -> ctypes.CDLL:
         verbose=False,
     )
     lib = ctypes.CDLL(str(path))
-    for source in sources:
-        for name, (restype, argtypes) in _registered[source].items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
+    for name, (restype, argtypes) in _registered[source].items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     load_seconds = time.perf_counter() - start
     return lib
 
@@ -130,35 +124,27 @@ def _disabled() -> bool:
     return os.environ.get("QLORAKIT_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _find(wanted: frozenset[Path]) -> ctypes.CDLL | None:
-    return next((lib for built, lib in _loaded if wanted <= built), None)
-
-
-def library(source: Path | None = None) -> ctypes.CDLL | None:
-    """The loaded library that holds `source` (None: every registered source), compiled on first call;
-    None when it cannot be used here."""
-    wanted = frozenset(_registered if source is None else (Path(source),))
-    lib = _find(wanted)
+def library(source: Path) -> ctypes.CDLL | None:
+    """The loaded library of a registered `source` (compiled on first call), or None when the kernels cannot
+    be used here."""
+    lib = _loaded.get(source)
     if lib is not None or _failed:
         return lib
     with _lock:
-        return _find(wanted) or _build(wanted)
+        return _loaded.get(source) or _build(source)
 
 
-def _build(wanted: frozenset[Path]) -> ctypes.CDLL | None:
-    """Compile and load everything registered (with the lock held); on any failure warn once and give up."""
+def _build(source: Path) -> ctypes.CDLL | None:
+    """Compile and load `source` (with the lock held); on any failure warn once and give every kernel up."""
     global _failed
-    if _failed or _disabled() or not _registered:
+    if _failed or _disabled():
         return None
     try:
-        unknown = [str(s) for s in wanted if s not in _registered]
-        if unknown:
-            raise KeyError(f"not registered: {', '.join(unknown)}")
-        sources = frozenset(_registered)
-        missing = [str(s) for s in _ordered(sources) if not s.is_file()]
-        if missing:
-            raise FileNotFoundError(", ".join(missing))
-        lib = _load(sources)
+        if source not in _registered:
+            raise KeyError(f"{source} was not registered")
+        if not source.is_file():
+            raise FileNotFoundError(str(source))
+        lib = _load(source)
     except Exception as exc:  # any build or load failure means: use the reference
         _failed = True
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -169,34 +155,34 @@ def _build(wanted: frozenset[Path]) -> ctypes.CDLL | None:
             stacklevel=4,
         )
         return None
-    _loaded.append((sources, lib))
+    _loaded[source] = lib
     return lib
 
 
 def available(source: Path | None = None) -> bool:
-    """True when the compiled CPU kernels (of `source`, or of every registered source) can be used in this
+    """True when the compiled kernels of `source` (None: of every registered source) can be used in this
     process (compiles them on first call)."""
-    return library(source) is not None
+    sources = list(_registered) if source is None else [source]
+    return bool(sources) and all(library(s) is not None for s in sources)
 
 
 def best_isa() -> int:
-    """The widest vector path the library may use here: 2 AVX-512, 1 AVX2, 0 scalar (0 when unavailable).
+    """The widest vector path the kernels may use here: 2 AVX-512, 1 AVX2, 0 scalar (0 when unavailable).
 
     Asked of `qlk_best_isa`, which a registered source exports (the quantization kernels')."""
     global _isa
     if _isa is None:
-        library()
-        lib = next((lib for _, lib in _loaded if hasattr(lib, "qlk_best_isa")), None)
+        source = next((s for s, sig in _registered.items() if "qlk_best_isa" in sig), None)
+        lib = library(source) if source is not None else None
         if lib is None:
             return 0
-        lib.qlk_best_isa.restype, lib.qlk_best_isa.argtypes = _I64, []
         _isa = int(lib.qlk_best_isa())
     return _isa
 
 
 def isa() -> str:
     """The vector instruction set the kernels use here: "avx512", "avx2", "scalar" or "none" (unavailable)."""
-    if library() is None:
+    if not available():
         return "none"
     return {2: "avx512", 1: "avx2", 0: "scalar"}[best_isa()]
 

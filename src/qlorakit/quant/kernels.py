@@ -36,7 +36,7 @@ def available() -> bool:
 
 def isa() -> str:
     """The vector instruction set the kernels use here: "avx512", "avx2", "scalar" or "none" (unavailable)."""
-    return native.isa() if available() else "none"
+    return {2: "avx512", 1: "avx2", 0: "scalar"}[native.best_isa()] if available() else "none"
 
 
 def _require() -> ctypes.CDLL:
