@@ -2,7 +2,7 @@
 
 `ModelShape.from_config` accepts a config.json dict, a Hugging Face model folder or its config.json
 (Llama, Mistral, Qwen2, Gemma and GPT-2 key names), a GGUF file (its metadata only), a qlorakit YAML
-config (its `model.name`), or the built-in name `smollm2-135m`. The memory model in `qlorakit.tools.estimate.estimate`
+config (its `model.name`), or the built-in name `smollm2-135m`. The memory model in `qlorakit.tools.estimate.memory`
 works from these sizes alone.
 """
 

@@ -93,7 +93,7 @@ def count_label_tokens(batch: Batch) -> int:
 def batch_loss_sum(
     model: nn.Module, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """Summed next-token loss of one batch (see head_loss.causal_lm_loss_sum) -> [] fp32."""
+    """Summed next-token loss of one batch (see qlorakit.loss.causal_lm_loss_sum) -> [] fp32."""
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:

@@ -1,4 +1,4 @@
-// A bounded cache of large CPU blocks, installed as torch's CPU allocator (see qlorakit/memory.py).
+// A bounded cache of large CPU blocks, installed as torch's CPU allocator (see qlorakit/core/memory.py).
 //
 // Why: a training step allocates and frees thousands of activation and dequantization tensors of 1-30 MB,
 // the same sizes every step. glibc either keeps freed heap memory resident (its default: peak RSS ~35%

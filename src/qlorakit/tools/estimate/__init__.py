@@ -1,7 +1,7 @@
 """How much memory a fine-tuning run needs, from the model's shape alone (no weights are loaded).
 
 The model is a decoder transformer described by its `config.json` (Llama, Mistral, Qwen2, Gemma and
-GPT-2 key names) or by a GGUF file's metadata (see `qlorakit.models.shape`). `estimate_memory` returns a
+GPT-2 key names) or by a GGUF file's metadata (see `qlorakit.models.shape`). `memory.estimate_memory` returns a
 breakdown of the peak resident set (RSS) of the PyTorch CPU process that trains it:
 
     weights           frozen or trainable parameters (4-bit packed linears for QLoRA)
@@ -39,4 +39,8 @@ place (file pages); in another dtype, the mapped file and the converted model co
 The allocator: what the mode of `qlorakit.core.memory` (QLORAKIT_MALLOC_TUNING, asked the way the `qlorakit`
 command asks it) keeps resident after PyTorch frees memory is modelled in `qlorakit.tools.estimate.allocator`.
 Measured against real runs by benchmarks/bench_estimate.py and the slow test in tests/test_estimate.py.
+
+Modules: `memory` (the components and `estimate_memory`), `advice` (`RunSettings`, `advise` within a budget),
+`kernel_cache` (16-bit matmul kernels kept per shape), `allocator` (what the allocator mode keeps),
+`run_shapes` (the batch shapes replayed from a run's data).
 """

@@ -2,7 +2,7 @@
 
 Batches are padded to their longest row, so a run over rows of varying length computes many different
 matmul shapes, and on the CPU every new 16-bit matmul shape costs memory for the rest of the process (see
-`qlorakit.tools.estimate.estimate`, the kernel cache). `run_shapes` replays what `qlorakit train` feeds the model: the
+`qlorakit.tools.estimate.memory`, the kernel cache). `run_shapes` replays what `qlorakit train` feeds the model: the
 training micro-batches in the sampler's seeded order (`qlorakit.train.sampler`), the validation batches
 of every evaluation, and the batched greedy generations of the held-out samples. It needs the tokenizer
 (read from the model folder, or from a GGUF file's metadata) and the data, tokenized as training does.
