@@ -5,8 +5,8 @@ when it has one, else the Alpaca template), decoding is Hugging Face `generate` 
 temperature is given), and streaming goes through a `TextStreamer` whose finished text pieces are handed
 to a callback as they come.
 
-`AdapterServer` keeps one base model in memory (4-bit by default) with every adapter loaded under its own
-name, and switches adapter per request: nothing is reloaded between requests.
+Batched greedy decoding, the EOS and pad ids and the context budget live in `qlorakit.models.decode`
+(training's held-out samples use them too); serving several adapters on one base in `qlorakit.eval.serving`.
 """
 
 from __future__ import annotations

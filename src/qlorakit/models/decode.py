@@ -33,7 +33,7 @@ def pad_token_id(tokenizer: Any, eos: Sequence[int] = ()) -> int:
     out of attention and loss, so the choice only has to be a valid id."""
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
+    if isinstance(tokenizer.eos_token_id, int):
         return tokenizer.eos_token_id
     return eos[0] if eos else 0
 
