@@ -1,1 +1,2 @@
-"""Models: resolve a spec to a folder (with the GGUF cache), read its shape without weights, load it."""
+"""Models: resolve a spec to a folder (built-in models, the GGUF cache), read its shape without weights, load it
+as training builds it, and the decoding primitives train and eval share."""
