@@ -306,7 +306,7 @@ def test_qlora_loading_maps_no_checkpoint_pages(tmp_path):
     shape = ModelShape.from_config(tmp_path / "m")
     del model
     before = _mapped_safetensors_bytes()
-    loaded = load_quantizing(tmp_path / "m", QuantConfig(), torch.float32)
+    loaded = load_quantizing(tmp_path / "m", QuantConfig().to_settings(torch.float32))
     assert _mapped_safetensors_bytes() - before < 64 * 1024  # read, not mapped
     assert estimate_memory(shape, method="qlora", batch=1, seq=8).loading_file_pages == 0
     del loaded

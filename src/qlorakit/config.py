@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from qlorakit.errors import ConfigError
+from qlorakit.quant.settings import QuantSettings, blocksize_problem
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,16 @@ class QuantConfig:
     """`auto`: bf16 where the device computes it natively, else fp32."""
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     """Linear layers kept in 16 bits (name suffixes)."""
+
+    def to_settings(self, compute_dtype: torch.dtype | None) -> QuantSettings:
+        """quant's own settings for this section; `compute_dtype` is `compute_dtype` resolved for the device."""
+        return QuantSettings(
+            quant_type=self.quant_type,
+            blocksize=self.blocksize,
+            double_quant=self.double_quant,
+            skip=tuple(self.skip),
+            compute_dtype=compute_dtype,
+        )
 
 
 @dataclass(frozen=True)
@@ -262,8 +275,9 @@ def _check_rules(cfg: Config) -> list[str]:
     """Cross-field rules and value ranges that types cannot express."""
     errs: list[str] = []
     q, lo, d, t = cfg.quant, cfg.lora, cfg.data, cfg.train
-    if not (32 <= q.blocksize <= 4096 and q.blocksize & (q.blocksize - 1) == 0):
-        errs.append(f"quant.blocksize: must be a power of two in 32..4096, got {q.blocksize}")
+    blocksize_error = blocksize_problem(q.blocksize)
+    if blocksize_error is not None:
+        errs.append(f"quant.blocksize: {blocksize_error}, got {q.blocksize}")
     errs.extend(_lora_problems(lo))
     if not d.datasets:
         errs.append("data.datasets: needs at least one dataset")

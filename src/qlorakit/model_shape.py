@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.errors import ConfigError
+from qlorakit.quant.select import matches_suffix
 
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
@@ -169,7 +170,7 @@ def target_linears(arch: ModelShape, targets: str | list[str] | tuple[str, ...])
         if matched:
             return matched
     names = [targets] if isinstance(targets, str) else list(targets)
-    chosen = [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
+    chosen = [lin for lin in linears if matches_suffix(lin.name, names)]
     if not chosen:
         known = ", ".join(lin.name.split(".")[-1] for lin in linears)
         raise ConfigError(

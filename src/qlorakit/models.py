@@ -265,7 +265,8 @@ def _load_full_precision(
         if stream:
             from qlorakit.quant.loading import load_quantizing
 
-            model = load_quantizing(folder, quantize, dtype)  # None: keys need transformers' loading
+            # None: the keys need transformers' loading
+            model = load_quantizing(folder, quantize.to_settings(dtype))
             if model is not None:
                 return model
         if not trust_remote_code and _has_safetensors(folder):
@@ -282,9 +283,9 @@ def _load_full_precision(
     except (ValueError, OSError) as exc:
         raise ModelError(f"cannot load the model in {folder}: {exc}") from exc
     if quantize is not None:
-        from qlorakit.quant.convert import quantize_model_as
+        from qlorakit.quant.convert import quantize_model
 
-        quantize_model_as(model, quantize, dtype)  # type: ignore[arg-type]
+        quantize_model(model, quantize.to_settings(dtype))  # type: ignore[arg-type]
     return model
 
 

@@ -226,12 +226,12 @@ def _requantize(dense_dir: Path, out_dir: Path, tokenizer: Any, quant: QuantConf
     from transformers import AutoModelForCausalLM
 
     from qlorakit.eval.generation import resolve_compute_dtype
-    from qlorakit.quant.convert import quantize_model_as, save_quantized
+    from qlorakit.quant.convert import quantize_model, save_quantized
     from qlorakit.quant.loading import load_quantized
 
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
     merged = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    quantize_model_as(merged, quant, compute_dtype)
+    quantize_model(merged, quant.to_settings(compute_dtype))
     save_quantized(merged, tokenizer, out_dir)
     del merged
     gc.collect()

@@ -15,7 +15,8 @@ import torch
 
 from qlorakit.errors import QuantizationError
 from qlorakit.quant.codes import DYNAMIC_CODE, get_code, quantize_bounds
-from qlorakit.quant.state import BLOCKSIZES, FLOAT_DTYPES, NestedState, QuantState
+from qlorakit.quant.settings import check_blocksize
+from qlorakit.quant.state import FLOAT_DTYPES, NestedState, QuantState
 
 NESTED_BLOCKSIZE = 256
 # bitsandbytes clamps the block scale before taking its reciprocal (all-zero blocks)
@@ -36,15 +37,6 @@ def _cpu_kernels() -> ModuleType | None:
             raise
         return None
     return module if module.available() else None
-
-
-def check_blocksize(blocksize: int) -> int:
-    """`blocksize` if it is a power of two in [32, 4096], else QuantizationError."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
-        raise QuantizationError(
-            f"invalid blocksize {blocksize!r}: use a power of two from 32 to 4096 ({', '.join(map(str, BLOCKSIZES))})"
-        )
-    return blocksize
 
 
 def _describe(A: torch.Tensor, name: str | None) -> str:
@@ -299,7 +291,6 @@ def bits_per_parameter(state: QuantState) -> float:
 __all__ = [
     "NESTED_BLOCKSIZE",
     "bits_per_parameter",
-    "check_blocksize",
     "dequantize_4bit",
     "dequantize_blocks",
     "dequantize_blocks_reference",
