@@ -628,7 +628,7 @@ def test_the_estimate_predicts_a_real_run_of_an_unseen_shape(tmp_path):
     import subprocess
 
     from qlorakit.run_shapes import run_shapes
-    from qlorakit.train.recipe import SAMPLE_BATCH
+    from qlorakit.train.samples import SAMPLE_BATCH
 
     config, tokenizer = _unseen_run(tmp_path)
     cfg = load_config(config)

@@ -178,7 +178,7 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, Model
 def _shapes(cfg: Config, source: str, notes: list[str]) -> RunShapes | None:
     """The run's batch shapes replayed from its data; None (with a note) when the tokenizer is missing."""
     from qlorakit.run_shapes import load_tokenizer, run_shapes
-    from qlorakit.train.recipe import SAMPLE_BATCH
+    from qlorakit.train.samples import SAMPLE_BATCH
 
     try:
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
