@@ -16,15 +16,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from qlorakit.config import QuantConfig
+from qlorakit.data import Example, Record
 from qlorakit.errors import ConfigError, DataError
 from qlorakit.eval.generation import GenerationSettings, generate_ids
 from qlorakit.outputs import OutputPlan, check_output, json_signature, output_file
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure maths
@@ -69,7 +73,7 @@ class EvalResult:
 
 @torch.no_grad()
 def response_loss(
-    model: nn.Module, examples: Sequence[Any], pad_id: int, batch_size: int = 4
+    model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 4
 ) -> tuple[float, int]:
     """(mean NLL per response token, tokens) of rendered `Example`s under `model`."""
     from qlorakit.data import collate
@@ -90,7 +94,7 @@ def response_loss(
     return float(total / count), count
 
 
-def reference_answer(record: Any) -> str | None:
+def reference_answer(record: Record) -> str | None:
     """The last assistant message of a conversation record, or None (text rows have no reference)."""
     if record.messages and record.messages[-1].role == "assistant":
         return record.messages[-1].content
@@ -98,7 +102,11 @@ def reference_answer(record: Any) -> str | None:
 
 
 def predict(
-    model: nn.Module, tokenizer: Any, records: Sequence[Any], template: str, settings: GenerationSettings
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    template: str,
+    settings: GenerationSettings,
 ) -> list[str]:
     """Greedy completions of each record's prompt (its conversation without the final answer)."""
     from qlorakit.data import prompt_ids
@@ -112,9 +120,9 @@ def predict(
 
 def evaluate_pass(
     model: nn.Module,
-    tokenizer: Any,
-    examples: Sequence[Any],
-    records: Sequence[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    records: Sequence[Record],
     *,
     label: str,
     template: str,
@@ -179,7 +187,7 @@ def _fmt(value: float | int) -> str:
 
 def load_eval_records(
     data: str | Path, *, fmt: str = "auto", limit: int | None = None
-) -> tuple[list[Any], int]:
+) -> tuple[list[Record], int]:
     """The dataset's records (the first `limit`) and how many invalid rows were skipped."""
     from qlorakit.config import DatasetSpec
     from qlorakit.data import load_records
@@ -253,8 +261,8 @@ def evaluate(
 
 def _evaluate_passes(
     model: nn.Module,
-    tokenizer: Any,
-    kept: list[tuple[Any, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    kept: list[tuple[Record, Example]],
     labels: Sequence[str],
     *,
     template: str,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qlorakit.config import TrainConfig
+from qlorakit.data import Example
 from qlorakit.errors import CheckpointError, TrainingDivergedError
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.distributed import (
@@ -135,8 +136,8 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
 @torch.no_grad()
 def evaluate_loss(
     model: nn.Module,
-    examples: Sequence[Any],
-    collate_fn: Callable[[Sequence[Any]], Batch],
+    examples: Sequence[Example],
+    collate_fn: Callable[[Sequence[Example]], Batch],
     *,
     batch_size: int,
     max_batches: int | None,
@@ -298,7 +299,7 @@ class ThroughputWindow:
 
 
 def _micro_batches(
-    examples: Sequence[Any],
+    examples: Sequence[Example],
     order: BatchOrder,
     collate_fn: Callable,
     position: int,
@@ -322,9 +323,9 @@ def _micro_batches(
 def train_loop(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train_examples: Sequence[Any],
-    val_examples: Sequence[Any],
-    collate_fn: Callable[[Sequence[Any]], Batch],
+    train_examples: Sequence[Example],
+    val_examples: Sequence[Example],
+    collate_fn: Callable[[Sequence[Example]], Batch],
     cfg: TrainConfig,
     *,
     total_steps: int,
