@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qlorakit.errors import ConfigError
+from qlorakit.export.bnb4 import export_bnb4
+from qlorakit.export.gguf import export_gguf_checked
+from qlorakit.export.hf import export_hf
+
 FORMATS = ("gguf", "hf", "bnb4")
 DTYPES = {"gguf": ("f16", "bf16", "q8_0", "f32"), "hf": ("bf16", "fp16", "fp32"), "bnb4": ()}
 DEFAULT_DTYPE = {"gguf": "f16", "hf": "bf16"}
@@ -35,8 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_export_args(model: str, fmt: str, dtype: str | None) -> str | None:
     """Validate the format/dtype pair and the input kind before anything is loaded; return the dtype."""
-    from qlorakit.errors import ConfigError
-
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; supported formats: {', '.join(FORMATS)}")
     path = Path(model)
@@ -57,41 +60,7 @@ def check_export_args(model: str, fmt: str, dtype: str | None) -> str | None:
     return dtype
 
 
-def export_gguf_checked(model: str, out: Path, dtype: str, overwrite: bool = False) -> Path:
-    """Export a 16-bit HF folder to GGUF, pointing 4-bit and non-folder inputs to the right command."""
-    from qlorakit.errors import ConfigError
-    from qlorakit.export.gguf import export_gguf
-    from qlorakit.models import is_quantized_folder, resolve_model_path
-
-    source = resolve_model_path(model)
-    if source.is_file():
-        raise ConfigError(
-            f"{model} is already a GGUF file; to change its dtype, export it with --format hf first"
-        )
-    if is_quantized_folder(source):
-        raise ConfigError(
-            f"{source} holds 4-bit weights; GGUF export needs 16-bit weights: run "
-            f"`qlorakit export {model} --format hf --out DENSE_DIR` (or `qlorakit merge` for an adapter) first"
-        )
-    return export_gguf(source, out, dtype=dtype, overwrite=overwrite).path
-
-
-def export_bnb4(model: str, out: Path, overwrite: bool = False) -> None:
-    """Quantize (or re-save) a model as a 4-bit folder; the output is checked before the model is read."""
-    from qlorakit.eval.generation import load_base
-    from qlorakit.models import estimated_bytes
-    from qlorakit.outputs import check_output
-    from qlorakit.quant.convert import save_quantized
-
-    need = estimated_bytes(model, 0.5)
-    plan = check_output(out, command="export bnb4", inputs=[model], overwrite=overwrite, need_bytes=need)
-    quantized, tokenizer = load_base(model, four_bit=True)
-    save_quantized(quantized, tokenizer, out, plan=plan)
-
-
 def run(args: argparse.Namespace) -> int:
-    from qlorakit.export.hf import export_hf
-
     dtype = check_export_args(args.model, args.format, args.dtype)
     out = Path(args.out)
     if args.format == "gguf":
