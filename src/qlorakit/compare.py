@@ -4,7 +4,7 @@ Each run folder holds what the training pipeline writes: `summary.json` (peak RS
 held-out exact match), `metrics.jsonl` (one record per logged step, `split` train or val), the adapter
 (`adapter_model.safetensors`) and `config.yaml`. Nothing here trains: `read_run` reads a folder,
 `build_report` turns two runs into Markdown (a pure function), and `write_report` adds the plots and writes
-everything atomically. `qlorakit compare` (commands/compare.py) runs the two trainings, then calls it.
+everything atomically. `qlorakit compare` (tools/compare_runs.py) runs the two trainings, then calls it.
 """
 
 from __future__ import annotations
