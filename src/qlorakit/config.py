@@ -21,37 +21,37 @@ from qlorakit.errors import ConfigError
 from qlorakit.quant.settings import QuantSettings, blocksize_problem
 
 
+def documented(
+    default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = dataclasses.MISSING
+) -> Any:
+    """A config field with `text` as its `help` metadata: what `qlorakit train --help` prints for it."""
+    return field(default=default, default_factory=factory, metadata={"help": text})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = field(
-        default="smollm2-135m",
-        metadata={
-            "help": "A local Hugging Face folder, a local .gguf file, or the built-in name `smollm2-135m`."
-        },
+    name: str = documented(
+        "smollm2-135m",
+        "A local Hugging Face folder, a local .gguf file, or the built-in name `smollm2-135m`.",
     )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Run model code shipped with the checkpoint. Off unless you trust the source."},
+    trust_remote_code: bool = documented(
+        False, "Run model code shipped with the checkpoint. Off unless you trust the source."
     )
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    enabled: bool = field(
-        default=True,
-        metadata={
-            "help": "Store the frozen base in 4 bits (QLoRA). False trains 16-bit LoRA on a plain base."
-        },
+    enabled: bool = documented(
+        True, "Store the frozen base in 4 bits (QLoRA). False trains 16-bit LoRA on a plain base."
     )
     quant_type: Literal["nf4", "fp4"] = "nf4"
     blocksize: int = 64
     double_quant: bool = True
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
-        default="auto", metadata={"help": "`auto`: bf16 where the device computes it natively, else fp32."}
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = documented(
+        "auto", "`auto`: bf16 where the device computes it natively, else fp32."
     )
-    skip: list[str] = field(
-        default_factory=lambda: ["lm_head"],
-        metadata={"help": "Linear layers kept in 16 bits (name suffixes)."},
+    skip: list[str] = documented(
+        text="Linear layers kept in 16 bits (name suffixes).", factory=lambda: ["lm_head"]
     )
 
     def to_settings(self, compute_dtype: torch.dtype | None) -> QuantSettings:
@@ -70,11 +70,9 @@ class LoRAConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: str | list[str] = field(
-        default="all-linear",
-        metadata={
-            "help": "Module-name suffixes, a regex string, or `all-linear` (every linear layer but the output head)."
-        },
+    target_modules: str | list[str] = documented(
+        "all-linear",
+        "Module-name suffixes, a regex string, or `all-linear` (every linear layer but the output head).",
     )
     exclude_modules: list[str] = field(default_factory=list)
     layers_to_transform: list[int] | None = None
@@ -89,38 +87,26 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    path: str = field(
-        default="builtin",
-        metadata={
-            "help": "A JSON/JSONL/text file, a `datasets` folder saved with save_to_disk, or `builtin`."
-        },
+    path: str = documented(
+        "builtin", "A JSON/JSONL/text file, a `datasets` folder saved with save_to_disk, or `builtin`."
     )
     format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
-    weight: float = field(
-        default=1.0, metadata={"help": "Relative sampling weight when several datasets are mixed."}
-    )
+    weight: float = documented(1.0, "Relative sampling weight when several datasets are mixed.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
-    val_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A separate validation file; otherwise `val_ratio` of the training rows are held out."
-        },
+    val_path: str | None = documented(
+        None, "A separate validation file; otherwise `val_ratio` of the training rows are held out."
     )
     val_ratio: float = 0.1
-    template: Literal["auto", "chat", "alpaca", "text"] = field(
-        default="auto",
-        metadata={"help": "`auto`: the tokenizer's chat template when it has one, else the Alpaca template."},
+    template: Literal["auto", "chat", "alpaca", "text"] = documented(
+        "auto", "`auto`: the tokenizer's chat template when it has one, else the Alpaca template."
     )
     max_length: int = 256
-    truncation: Literal["truncate", "drop"] = field(
-        default="truncate",
-        metadata={
-            "help": "Rows longer than max_length are cut on the right (`truncate`) or left out (`drop`)."
-        },
+    truncation: Literal["truncate", "drop"] = documented(
+        "truncate", "Rows longer than max_length are cut on the right (`truncate`) or left out (`drop`)."
     )
     train_on_prompt: bool = False
     packing: bool = False
@@ -130,18 +116,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = field(
-        default=60,
-        metadata={"help": "Optimizer steps. With `epochs` set, the smaller of the two limits wins."},
-    )
+    max_steps: int = documented(60, "Optimizer steps. With `epochs` set, the smaller of the two limits wins.")
     epochs: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = field(
-        default=1e-3,
-        metadata={
-            "help": "1e-3 suits the small default model and short demo; QLoRA used 2e-4 for 7B+ models (1e-4 for 33B+)."
-        },
+    lr: float = documented(
+        1e-3,
+        "1e-3 suits the small default model and short demo; QLoRA used 2e-4 for 7B+ models (1e-4 for 33B+).",
     )
     weight_decay: float = 0.0
     optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
@@ -156,11 +137,8 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 20
     keep_last: int = 2
-    resume: str = field(
-        default="never",
-        metadata={
-            "help": "`never`, `auto` (newest valid checkpoint in the output folder), or a checkpoint folder."
-        },
+    resume: str = documented(
+        "never", "`never`, `auto` (newest valid checkpoint in the output folder), or a checkpoint folder."
     )
     num_threads: int | None = None
 
@@ -168,22 +146,17 @@ class TrainConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/qlorakit-default"
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Write into an output.dir that holds files qlorakit train did not write (files with train's names are replaced). Never allowed for a folder holding the model or the data."
-        },
+    overwrite: bool = documented(
+        False,
+        "Write into an output.dir that holds files qlorakit train did not write (files with train's names are replaced). Never allowed for a folder holding the model or the data.",
     )
-    tensorboard: bool = field(
-        default=True,
-        metadata={"help": "Also log to TensorBoard when the `tensorboard` package is installed."},
+    tensorboard: bool = documented(
+        True, "Also log to TensorBoard when the `tensorboard` package is installed."
     )
     plot: bool = True
-    samples: int = field(
-        default=24,
-        metadata={
-            "help": "Held-out examples generated before and after training for the summary (exact match before/after). Enough that one example is ~4% and a change means something; each costs a short greedy generation."
-        },
+    samples: int = documented(
+        24,
+        "Held-out examples generated before and after training for the summary (exact match before/after). Enough that one example is ~4% and a change means something; each costs a short greedy generation.",
     )
 
 
