@@ -43,6 +43,33 @@ def _csv_text(records: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+class ThroughputWindow:
+    """Loss and tokens/s averaged over the steps since the last metrics record."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def record(
+        self, step: int, tokens: int, elapsed_s: float, epoch: float, lr: float, grad_norm: float
+    ) -> dict[str, Any]:
+        """The `train` metrics row (`tokens`, `elapsed_s`: totals of the run so far); resets the window."""
+        row = {
+            "step": step, "split": "train", "epoch": epoch, "loss": self.loss / max(1, self.steps),
+            "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": self.tokens_per_s,
+            "elapsed_s": elapsed_s,
+        }  # fmt: skip
+        self.__init__()
+        return row
+
+
 class MetricsWriter:
     """Appends metric records to JSONL, CSV and (when installed and wanted) TensorBoard.
 
