@@ -26,6 +26,7 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+@torch.no_grad()
 def quantize_folder(
     model_spec: str,
     plan: OutputPlan,
@@ -45,11 +46,10 @@ def quantize_folder(
     model, tokenizer = load_model(model_spec, dtype="auto")
     load_seconds = time.perf_counter() - started
     text = builtin_eval_text()
-    with torch.no_grad():
-        before = perplexity(model, tokenizer, text, max_length=max_length) if measure_perplexity else None
-        report = quantize_model(model, quant.to_settings(resolve_compute_dtype(quant.compute_dtype, "cpu")))
-        after = perplexity(model, tokenizer, text, max_length=max_length) if measure_perplexity else None
-        save_quantized(model, tokenizer, out, max_shard_size=max_shard_size, plan=plan)
+    before = perplexity(model, tokenizer, text, max_length=max_length) if measure_perplexity else None
+    report = quantize_model(model, quant.to_settings(resolve_compute_dtype(quant.compute_dtype, "cpu")))
+    after = perplexity(model, tokenizer, text, max_length=max_length) if measure_perplexity else None
+    save_quantized(model, tokenizer, out, max_shard_size=max_shard_size, plan=plan)
     lines = [
         f"Loaded {model_spec} ({source}) in {load_seconds:.1f} s",
         format_report(
