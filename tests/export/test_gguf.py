@@ -216,7 +216,7 @@ def test_failure_while_streaming_tensors_leaves_no_partial_file(tiny_model_dir, 
     target = tmp_path / "keep" / "model.gguf"
     target.parent.mkdir()
     target.write_bytes(b"previous")
-    convert, calls = gguf_export._convert, []
+    convert, calls = gguf_export.convert_tensor, []
 
     def failing_convert(plan, cfg, tensor):
         calls.append(plan.gguf_name)
@@ -224,13 +224,13 @@ def test_failure_while_streaming_tensors_leaves_no_partial_file(tiny_model_dir, 
             raise OSError("disk full")
         return convert(plan, cfg, tensor)
 
-    monkeypatch.setattr(gguf_export, "_convert", failing_convert)
+    monkeypatch.setattr(gguf_export, "convert_tensor", failing_convert)
     with pytest.raises(OSError, match="disk full"):
         export_gguf(tiny_model_dir, target, dtype="f16", overwrite=True)
     assert len(calls) == 4
     assert target.read_bytes() == b"previous"
     assert list(target.parent.iterdir()) == [target]
-    monkeypatch.setattr(gguf_export, "_convert", convert)
+    monkeypatch.setattr(gguf_export, "convert_tensor", convert)
     export_gguf(tiny_model_dir, target, dtype="f16", overwrite=True)  # a later export replaces the file whole
     assert GGUFReader(str(target)).fields["general.architecture"].contents() == "llama"
     assert list(target.parent.iterdir()) == [target]
