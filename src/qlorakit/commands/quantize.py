@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qlorakit.config import QuantConfig
 from qlorakit.errors import ConfigError
-from qlorakit.models import estimated_bytes
+from qlorakit.models import DEFAULT_MODEL, estimated_bytes
 from qlorakit.outputs import OutputError, OutputPlan, check_output
 from qlorakit.quant.settings import blocksize_problem
 from qlorakit.tools.quantize import quantize_folder
@@ -35,8 +35,6 @@ class QuantizeArgs:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from qlorakit.models import DEFAULT_MODEL
-
     parser = subparsers.add_parser(
         "quantize",
         help="quantize a model to 4 bits and save a bitsandbytes-compatible folder",
