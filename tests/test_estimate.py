@@ -301,7 +301,7 @@ def test_qlora_loading_maps_no_checkpoint_pages(tmp_path):
     shape = ModelShape.from_config(tmp_path / "m")
     del model
     before = _mapped_safetensors_bytes()
-    loaded = load_quantizing(tmp_path / "m", QuantConfig(), torch.float32)
+    loaded = load_quantizing(tmp_path / "m", QuantConfig().to_settings(torch.float32))
     assert _mapped_safetensors_bytes() - before < 64 * 1024  # read, not mapped
     assert estimate_memory(shape, method="qlora", batch=1, seq=8).loading_file_pages == 0
     del loaded
@@ -623,7 +623,7 @@ def test_the_estimate_predicts_a_real_run_of_an_unseen_shape(tmp_path):
     import subprocess
 
     from qlorakit.tools.estimate.run_shapes import run_shapes
-    from qlorakit.train.recipe import SAMPLE_BATCH
+    from qlorakit.train.samples import SAMPLE_BATCH
 
     config, tokenizer = _unseen_run(tmp_path)
     cfg = load_config(config)

@@ -233,9 +233,10 @@ def test_failed_conversion_leaves_no_cache(cache, tmp_path, tiny_gguf):
 def test_quantized_folder_loads_through_load_quantized(tmp_path, tiny_tokenizer):
     from qlorakit.quant.convert import quantize_model, save_quantized
     from qlorakit.quant.linear import Linear4bit
+    from qlorakit.quant.settings import QuantSettings
 
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), seed=12)
-    quantize_model(model, compute_dtype=torch.float32)
+    quantize_model(model, QuantSettings(compute_dtype=torch.float32))
     out = save_quantized(model, tiny_tokenizer, tmp_path / "q4")
     loaded, tokenizer = load_model(out, compute_dtype=torch.float32)
     assert isinstance(loaded.model.layers[0].mlp.up_proj, Linear4bit)

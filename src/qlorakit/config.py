@@ -15,28 +15,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from qlorakit.core.errors import ConfigError
+from qlorakit.quant.settings import QuantSettings, blocksize_problem
+
+
+def documented(
+    default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = dataclasses.MISSING
+) -> Any:
+    """A config field with `text` as its `help` metadata: what `qlorakit train --help` prints for it."""
+    return field(default=default, default_factory=factory, metadata={"help": text})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "smollm2-135m"
-    """A local Hugging Face folder, a local .gguf file, or the built-in name `smollm2-135m`."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the checkpoint. Off unless you trust the source."""
+    name: str = documented(
+        "smollm2-135m",
+        "A local Hugging Face folder, a local .gguf file, or the built-in name `smollm2-135m`.",
+    )
+    trust_remote_code: bool = documented(
+        False, "Run model code shipped with the checkpoint. Off unless you trust the source."
+    )
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    enabled: bool = True
-    """Store the frozen base in 4 bits (QLoRA). False trains 16-bit LoRA on a plain base."""
+    enabled: bool = documented(
+        True, "Store the frozen base in 4 bits (QLoRA). False trains 16-bit LoRA on a plain base."
+    )
     quant_type: Literal["nf4", "fp4"] = "nf4"
     blocksize: int = 64
     double_quant: bool = True
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """`auto`: bf16 where the device computes it natively, else fp32."""
-    skip: list[str] = field(default_factory=lambda: ["lm_head"])
-    """Linear layers kept in 16 bits (name suffixes)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = documented(
+        "auto", "`auto`: bf16 where the device computes it natively, else fp32."
+    )
+    skip: list[str] = documented(
+        text="Linear layers kept in 16 bits (name suffixes).", factory=lambda: ["lm_head"]
+    )
+
+    def to_settings(self, compute_dtype: torch.dtype | None) -> QuantSettings:
+        """quant's own settings for this section; `compute_dtype` is `compute_dtype` resolved for the device."""
+        return QuantSettings(
+            quant_type=self.quant_type,
+            blocksize=self.blocksize,
+            double_quant=self.double_quant,
+            skip=tuple(self.skip),
+            compute_dtype=compute_dtype,
+        )
 
 
 @dataclass(frozen=True)
@@ -44,8 +70,10 @@ class LoRAConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-    """Module-name suffixes, a regex string, or `all-linear` (every linear layer but the output head)."""
+    target_modules: str | list[str] = documented(
+        "all-linear",
+        "Module-name suffixes, a regex string, or `all-linear` (every linear layer but the output head).",
+    )
     exclude_modules: list[str] = field(default_factory=list)
     layers_to_transform: list[int] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -59,24 +87,27 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    path: str = "builtin"
-    """A JSON/JSONL/text file, a `datasets` folder saved with save_to_disk, or `builtin`."""
+    path: str = documented(
+        "builtin", "A JSON/JSONL/text file, a `datasets` folder saved with save_to_disk, or `builtin`."
+    )
     format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
-    weight: float = 1.0
-    """Relative sampling weight when several datasets are mixed."""
+    weight: float = documented(1.0, "Relative sampling weight when several datasets are mixed.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
-    val_path: str | None = None
-    """A separate validation file; otherwise `val_ratio` of the training rows are held out."""
+    val_path: str | None = documented(
+        None, "A separate validation file; otherwise `val_ratio` of the training rows are held out."
+    )
     val_ratio: float = 0.1
-    template: Literal["auto", "chat", "alpaca", "text"] = "auto"
-    """`auto`: the tokenizer's chat template when it has one, else the Alpaca template."""
+    template: Literal["auto", "chat", "alpaca", "text"] = documented(
+        "auto", "`auto`: the tokenizer's chat template when it has one, else the Alpaca template."
+    )
     max_length: int = 256
-    truncation: Literal["truncate", "drop"] = "truncate"
-    """Rows longer than max_length are cut on the right (`truncate`) or left out (`drop`)."""
+    truncation: Literal["truncate", "drop"] = documented(
+        "truncate", "Rows longer than max_length are cut on the right (`truncate`) or left out (`drop`)."
+    )
     train_on_prompt: bool = False
     packing: bool = False
     skip_invalid: bool = False
@@ -85,13 +116,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 60
-    """Optimizer steps. With `epochs` set, the smaller of the two limits wins."""
+    max_steps: int = documented(60, "Optimizer steps. With `epochs` set, the smaller of the two limits wins.")
     epochs: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1e-3
-    """1e-3 suits the small default model and short demo; QLoRA used 2e-4 for 7B+ models (1e-4 for 33B+)."""
+    lr: float = documented(
+        1e-3,
+        "1e-3 suits the small default model and short demo; QLoRA used 2e-4 for 7B+ models (1e-4 for 33B+).",
+    )
     weight_decay: float = 0.0
     optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -105,24 +137,27 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 20
     keep_last: int = 2
-    resume: str = "never"
-    """`never`, `auto` (newest valid checkpoint in the output folder), or a checkpoint folder."""
+    resume: str = documented(
+        "never", "`never`, `auto` (newest valid checkpoint in the output folder), or a checkpoint folder."
+    )
     num_threads: int | None = None
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/qlorakit-default"
-    overwrite: bool = False
-    """Write into an output.dir that holds files qlorakit train did not write (files with train's names are
-    replaced). Never allowed for a folder holding the model or the data."""
-    tensorboard: bool = True
-    """Also log to TensorBoard when the `tensorboard` package is installed."""
+    overwrite: bool = documented(
+        False,
+        "Write into an output.dir that holds files qlorakit train did not write (files with train's names are replaced). Never allowed for a folder holding the model or the data.",
+    )
+    tensorboard: bool = documented(
+        True, "Also log to TensorBoard when the `tensorboard` package is installed."
+    )
     plot: bool = True
-    samples: int = 24
-    """Held-out examples generated before and after training for the summary (exact match before/after).
-
-    Enough that one example is ~4% and a change means something; each costs a short greedy generation."""
+    samples: int = documented(
+        24,
+        "Held-out examples generated before and after training for the summary (exact match before/after). Enough that one example is ~4% and a change means something; each costs a short greedy generation.",
+    )
 
 
 @dataclass(frozen=True)
@@ -262,8 +297,9 @@ def _check_rules(cfg: Config) -> list[str]:
     """Cross-field rules and value ranges that types cannot express."""
     errs: list[str] = []
     q, lo, d, t = cfg.quant, cfg.lora, cfg.data, cfg.train
-    if not (32 <= q.blocksize <= 4096 and q.blocksize & (q.blocksize - 1) == 0):
-        errs.append(f"quant.blocksize: must be a power of two in 32..4096, got {q.blocksize}")
+    blocksize_error = blocksize_problem(q.blocksize)
+    if blocksize_error is not None:
+        errs.append(f"quant.blocksize: {blocksize_error}, got {q.blocksize}")
     errs.extend(_lora_problems(lo))
     if not d.datasets:
         errs.append("data.datasets: needs at least one dataset")

@@ -14,7 +14,8 @@ from gguf.quants import dequantize
 
 from conftest import make_tiny_llama
 from qlorakit.core.errors import FormatError
-from qlorakit.export.gguf import SUPPORTED_ARCHITECTURES, export_gguf, llama3_rope_factors, permute_qk
+from qlorakit.export.gguf import SUPPORTED_ARCHITECTURES, export_gguf
+from qlorakit.export.gguf_tensors import llama3_rope_factors, permute_qk
 
 TEXT = "Hello, how are you? The quick brown fox jumps over the lazy dog. 0123 <|im_start|>user\nhi<|im_end|>"
 # max |logit difference| / max |logit| allowed per dtype: f32 is bit-exact; f16 and bf16 round each
@@ -215,7 +216,7 @@ def test_failure_while_streaming_tensors_leaves_no_partial_file(tiny_model_dir, 
     target = tmp_path / "keep" / "model.gguf"
     target.parent.mkdir()
     target.write_bytes(b"previous")
-    convert, calls = gguf_export._convert, []
+    convert, calls = gguf_export.convert_tensor, []
 
     def failing_convert(plan, cfg, tensor):
         calls.append(plan.gguf_name)
@@ -223,13 +224,13 @@ def test_failure_while_streaming_tensors_leaves_no_partial_file(tiny_model_dir, 
             raise OSError("disk full")
         return convert(plan, cfg, tensor)
 
-    monkeypatch.setattr(gguf_export, "_convert", failing_convert)
+    monkeypatch.setattr(gguf_export, "convert_tensor", failing_convert)
     with pytest.raises(OSError, match="disk full"):
         export_gguf(tiny_model_dir, target, dtype="f16", overwrite=True)
     assert len(calls) == 4
     assert target.read_bytes() == b"previous"
     assert list(target.parent.iterdir()) == [target]
-    monkeypatch.setattr(gguf_export, "_convert", convert)
+    monkeypatch.setattr(gguf_export, "convert_tensor", convert)
     export_gguf(tiny_model_dir, target, dtype="f16", overwrite=True)  # a later export replaces the file whole
     assert GGUFReader(str(target)).fields["general.architecture"].contents() == "llama"
     assert list(target.parent.iterdir()) == [target]

@@ -133,9 +133,10 @@ def test_export_hf_from_4bit_folder(tmp_path, tiny_tokenizer):
     """A 4-bit folder becomes a dense folder whose weights are exactly the dequantized NF4 weights."""
     from qlorakit.quant.convert import quantize_model, save_quantized
     from qlorakit.quant.loading import load_quantized
+    from qlorakit.quant.settings import QuantSettings
 
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer))
-    quantize_model(model, compute_dtype=torch.float32)
+    quantize_model(model, QuantSettings(compute_dtype=torch.float32))
     q_dir = tmp_path / "q4"
     save_quantized(model, tiny_tokenizer, q_dir)
     report = export_hf(q_dir, tmp_path / "dense", dtype="fp32", max_shard_size="30KB")

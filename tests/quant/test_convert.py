@@ -35,6 +35,7 @@ from qlorakit.quant.convert import (
 )
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.loading import load_quantized
+from qlorakit.quant.settings import QuantSettings
 
 pytestmark = pytest.mark.dtype_sensitive
 
@@ -95,7 +96,7 @@ def bnb_dir(bnb_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ours(original_dir, tiny_tokenizer, tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32)
-    report = quantize_model(model, compute_dtype=torch.float32)
+    report = quantize_model(model, QuantSettings(compute_dtype=torch.float32))
     out = save_quantized(model, tiny_tokenizer, tmp_path_factory.mktemp("ours") / "tiny-4bit")
     return model, report, out
 
@@ -213,10 +214,9 @@ def test_other_settings_load_in_transformers(
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, seed=2)
     quantize_model(
         model,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        blocksize=blocksize,
-        compute_dtype=torch.float32,
+        QuantSettings(
+            quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, compute_dtype=torch.float32
+        ),
     )
     out = save_quantized(model, None, tmp_path / "q")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -230,8 +230,9 @@ def test_extra_skips_are_written_so_transformers_keeps_them(tmp_path, tiny_token
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), seed=4)
     report = quantize_model(
         model,
-        skip=("lm_head", "mlp.down_proj", "model.layers.1.self_attn.q_proj"),
-        compute_dtype=torch.float32,
+        QuantSettings(
+            skip=("lm_head", "mlp.down_proj", "model.layers.1.self_attn.q_proj"), compute_dtype=torch.float32
+        ),
     )
     assert {name for name, _ in report.skipped} == {
         "lm_head",
@@ -254,7 +255,7 @@ def test_extra_skips_are_written_so_transformers_keeps_them(tmp_path, tiny_token
 
 def test_quantizing_the_head_writes_an_empty_skip_list(tmp_path, tiny_tokenizer, ids):
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), seed=5)
-    quantize_model(model, skip=(), compute_dtype=torch.float32)
+    quantize_model(model, QuantSettings(skip=(), compute_dtype=torch.float32))
     assert isinstance(model.lm_head, Linear4bit)
     out = save_quantized(model, None, tmp_path / "q")
     assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == []
@@ -265,7 +266,7 @@ def test_quantizing_the_head_writes_an_empty_skip_list(tmp_path, tiny_tokenizer,
 def test_tied_embeddings_are_never_quantized(tmp_path, tiny_tokenizer, ids):
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True, seed=6)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    report = quantize_model(model, skip=(), compute_dtype=torch.float32)
+    report = quantize_model(model, QuantSettings(skip=(), compute_dtype=torch.float32))
     assert report.skipped == (("lm_head", "tied to an embedding"),)
     out = save_quantized(model, None, tmp_path / "q")
     assert "lm_head.weight" not in read_all(out)
@@ -284,7 +285,7 @@ def test_gpt2_conv1d_layers(tmp_path, ids):
     model = transformers.GPT2LMHeadModel(config).eval()
     reference = copy.deepcopy(model)
     conv_weight = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: [in, out]
-    report = quantize_model(model, compute_dtype=torch.float32)
+    report = quantize_model(model, QuantSettings(compute_dtype=torch.float32))
     assert len(report.layers) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
     layer = model.transformer.h[0].attn.c_attn
     assert isinstance(layer, Linear4bit) and (layer.out_features, layer.in_features) == (192, 64)
@@ -303,7 +304,7 @@ def test_gpt2_conv1d_layers(tmp_path, ids):
 
 def test_sharded_folder(tmp_path, tiny_tokenizer, ids):
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer), seed=7)
-    quantize_model(model, compute_dtype=torch.float32)
+    quantize_model(model, QuantSettings(compute_dtype=torch.float32))
     out = save_quantized(model, tiny_tokenizer, tmp_path / "q", max_shard_size="100KB")
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) > 1
     assert torch.equal(logits(load_quantized(out, torch.float32), ids), logits(model, ids))
@@ -323,7 +324,7 @@ def test_original_weights_are_freed_layer_by_layer(tiny_tokenizer):
         weakref.finalize(
             model.get_submodule(name).weight, lambda n=name: freed_when.__setitem__(n, count_4bit())
         )
-    quantize_model(model, compute_dtype=torch.float32)
+    quantize_model(model, QuantSettings(compute_dtype=torch.float32))
     # the k-th layer's weight is gone before the (k+1)-th layer is quantized
     assert [freed_when.get(n) for n in names] == list(range(1, len(names) + 1))
 
@@ -337,7 +338,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     from qlorakit.quant.convert import quantize_model
 
     # warm-up on a tiny model: lazy imports and the compiled CPU kernels are loaded outside the measurement
-    quantize_model(make_tiny_llama(), compute_dtype=torch.float32)
+    quantize_model(make_tiny_llama(), QuantSettings(compute_dtype=torch.float32))
     torch.set_default_dtype(torch.bfloat16)  # build in bf16: no fp32 copy before the measurement
     model = make_tiny_llama(hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
                             num_kv_heads=4, dtype=torch.bfloat16)
@@ -352,7 +353,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     before = proc.memory_info().rss
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     thread = threading.Thread(target=sample); thread.start()
-    report = quantize_model(model, compute_dtype=torch.float32)
+    report = quantize_model(model, QuantSettings(compute_dtype=torch.float32))
     done.set(); thread.join()
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_rss = max(peak[0], maxrss_after if maxrss_after > maxrss_before else 0)
@@ -421,7 +422,7 @@ def test_bad_folders_raise_checkpoint_errors(ours, original_dir, tmp_path):
 def test_nothing_to_quantize_and_bad_skip(tiny_tokenizer):
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer))
     with pytest.raises(QuantizationError, match="string"):
-        quantize_model(model, skip="lm_head")
+        QuantSettings(skip="lm_head")
     with pytest.raises(QuantizationError, match="no linear layer"):
         quantize_model(nn.Sequential(nn.Embedding(4, 4)))
     with pytest.raises(QuantizationError, match="quantize_model"):

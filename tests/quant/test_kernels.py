@@ -171,7 +171,7 @@ def test_validation_errors_name_the_tensor() -> None:
         ({"absmax": absmax[:1]}, "absmax must have 2 elements"),
         ({"packed": packed[:10]}, "packed must have 64 elements"),
         ({"code": NF4_CODE[:8]}, "code must have 16 elements"),
-        ({"blocksize": 63}, "blocksize must be a positive even integer"),
+        ({"blocksize": 63}, "invalid blocksize 63"),
         ({"out_dtype": torch.float64}, "out_dtype must be float32, bfloat16 or float16"),
         ({"packed": torch.empty(128, dtype=torch.uint8)[::2]}, "packed must be contiguous"),
         ({"absmax": absmax.to("meta")}, "absmax is on meta"),

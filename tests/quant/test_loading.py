@@ -18,14 +18,14 @@ from conftest import make_tiny_llama
 from qlorakit.config import QuantConfig
 from qlorakit.core.errors import QuantizationError
 from qlorakit.models.resolve import load_model
-from qlorakit.quant.convert import quantize_model_as, save_quantized
+from qlorakit.quant.convert import quantize_model, save_quantized
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.loading import load_quantizing
 
 
 def _reference(folder: Path, quant: QuantConfig, dtype: torch.dtype) -> torch.nn.Module:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    quantize_model_as(model, quant, dtype)
+    quantize_model(model, quant.to_settings(dtype))
     return model.eval()
 
 
@@ -60,7 +60,7 @@ def _assert_same_model(got: torch.nn.Module, want: torch.nn.Module) -> None:
 def test_same_model_as_load_then_quantize(tmp_path, stored, compute, tied, quant):
     folder = tmp_path / "m"
     make_tiny_llama(tie_word_embeddings=tied, dtype=stored).save_pretrained(folder)
-    got = load_quantizing(folder, quant, compute)
+    got = load_quantizing(folder, quant.to_settings(compute))
     _assert_same_model(got, _reference(folder, quant, compute))
     assert not got.training
     if "down_proj" in quant.skip:
@@ -73,7 +73,7 @@ def test_gpt2_conv1d(tmp_path):
     )
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    got = load_quantizing(tmp_path / "gpt2", QuantConfig(), torch.float32)
+    got = load_quantizing(tmp_path / "gpt2", QuantConfig().to_settings(torch.float32))
     _assert_same_model(got, _reference(tmp_path / "gpt2", QuantConfig(), torch.float32))
 
 
@@ -85,7 +85,7 @@ def test_renamed_keys_fall_back_to_transformers(tmp_path, tiny_tokenizer):
     tensors = load_file(folder / "model.safetensors")
     tensors["model.extra_unused.weight"] = torch.zeros(3)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    assert load_quantizing(folder, QuantConfig(), torch.float32) is None
+    assert load_quantizing(folder, QuantConfig().to_settings(torch.float32)) is None
     model, _ = load_model(folder, dtype=torch.float32, quantize=QuantConfig())
     assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
 
@@ -102,10 +102,10 @@ def test_load_model_quantize_matches_and_rejects_auto(tmp_path, tiny_tokenizer):
 
 def test_a_4bit_folder_is_not_requantized(tmp_path, tiny_tokenizer):
     model = make_tiny_llama(vocab_size=len(tiny_tokenizer))
-    quantize_model_as(model, QuantConfig(), torch.float32)
+    quantize_model(model, QuantConfig().to_settings(torch.float32))
     out = save_quantized(model, tiny_tokenizer, tmp_path / "q")
     with pytest.raises(QuantizationError, match="already 4-bit"):
-        load_quantizing(out, QuantConfig(), torch.float32)
+        load_quantizing(out, QuantConfig().to_settings(torch.float32))
 
 
 _PEAK = """
@@ -124,7 +124,7 @@ if sys.argv[2] == "stream":
     load_model(sys.argv[1], dtype=torch.float32, quantize=QuantConfig())
 else:
     m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-    convert.quantize_model_as(m, QuantConfig(), torch.float32)
+    convert.quantize_model(m, QuantConfig().to_settings(torch.float32))
 print((status("VmHWM") - base) * 1024)
 """
 

@@ -6,14 +6,10 @@ import argparse
 from pathlib import Path
 
 from qlorakit.core.errors import ConfigError
-from qlorakit.core.outputs import check_output
 from qlorakit.export import gguf, hf
-from qlorakit.export.gguf import export_gguf
+from qlorakit.export.bnb4 import export_bnb4
+from qlorakit.export.gguf import export_gguf_checked
 from qlorakit.export.hf import export_hf
-from qlorakit.models.load import load_base
-from qlorakit.models.resolve import is_quantized_folder, resolve_model_path
-from qlorakit.models.shape import estimated_bytes
-from qlorakit.quant.convert import save_quantized
 
 FORMATS = ("gguf", "hf", "bnb4")
 DTYPES = {"gguf": gguf.DTYPES, "hf": hf.DTYPES, "bnb4": ()}
@@ -63,29 +59,6 @@ def check_export_args(model: str, fmt: str, dtype: str | None) -> str | None:
     if dtype not in DTYPES[fmt]:
         raise ConfigError(f"--dtype {dtype!r} for --format {fmt}: must be one of {', '.join(DTYPES[fmt])}")
     return dtype
-
-
-def export_gguf_checked(model: str, out: Path, dtype: str, overwrite: bool = False) -> Path:
-    """Export a 16-bit HF folder to GGUF, pointing 4-bit and non-folder inputs to the right command."""
-    source = resolve_model_path(model)
-    if source.is_file():
-        raise ConfigError(
-            f"{model} is already a GGUF file; to change its dtype, export it with --format hf first"
-        )
-    if is_quantized_folder(source):
-        raise ConfigError(
-            f"{source} holds 4-bit weights; GGUF export needs 16-bit weights: run "
-            f"`qlorakit export {model} --format hf --out DENSE_DIR` (or `qlorakit merge` for an adapter) first"
-        )
-    return export_gguf(source, out, dtype=dtype, overwrite=overwrite).path
-
-
-def export_bnb4(model: str, out: Path, overwrite: bool = False) -> None:
-    """Quantize (or re-save) a model as a 4-bit folder; the output is checked before the model is read."""
-    need = estimated_bytes(model, 0.5)
-    plan = check_output(out, command="export bnb4", inputs=[model], overwrite=overwrite, need_bytes=need)
-    quantized, tokenizer = load_base(model, four_bit=True)
-    save_quantized(quantized, tokenizer, out, plan=plan)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,20 +9,16 @@ text before and after quantization.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from qlorakit.core.dtypes import format_bytes, parse_dtype
+from qlorakit.config import QuantConfig
 from qlorakit.core.errors import ConfigError
 from qlorakit.core.outputs import OutputError, OutputPlan, check_output
-from qlorakit.eval.perplexity import builtin_eval_text, perplexity
-from qlorakit.models.resolve import DEFAULT_MODEL, is_quantized_folder, load_model, resolve_model_path
+from qlorakit.models.resolve import DEFAULT_MODEL
 from qlorakit.models.shape import estimated_bytes
-from qlorakit.quant.convert import quantize_model, save_quantized
-from qlorakit.quant.report import format_report
+from qlorakit.quant.settings import blocksize_problem
+from qlorakit.tools.quantize import quantize_folder
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
@@ -32,17 +28,11 @@ class QuantizeArgs:
     """The validated options of `qlorakit quantize`."""
 
     model: str
-    out: Path
-    quant_type: str
-    blocksize: int
-    double_quant: bool
-    skip: tuple[str, ...]
-    compute_dtype: torch.dtype | None
+    plan: OutputPlan
+    quant: QuantConfig
     perplexity: bool
     max_length: int
     max_shard_size: str
-    overwrite: bool
-    plan: OutputPlan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,79 +96,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def parse_args(args: argparse.Namespace) -> QuantizeArgs:
     """Check every option, and raise one ConfigError listing all problems."""
     problems = []
-    b = args.blocksize
-    if not (32 <= b <= 4096 and b & (b - 1) == 0):
-        problems.append(f"--blocksize {b} must be a power of two between 32 and 4096")
+    blocksize_error = blocksize_problem(args.blocksize)
+    if blocksize_error is not None:
+        problems.append(f"--blocksize {args.blocksize} {blocksize_error}")
     if args.max_length < 2:
         problems.append(f"--max-length {args.max_length} must be at least 2")
-    out = Path(args.out)
     plan = None
     try:  # the output rule of qlorakit.core.outputs, before anything is loaded
         need = estimated_bytes(args.model, 0.5)  # 4 bits per weight; a lower bound, so never a false alarm
         plan = check_output(
-            out, command="quantize", inputs=[args.model], overwrite=args.overwrite, need_bytes=need
+            Path(args.out), command="quantize", inputs=[args.model], overwrite=args.overwrite, need_bytes=need
         )
     except OutputError as exc:
         problems.append(str(exc))
     if problems or plan is None:
         raise ConfigError("qlorakit quantize: " + "; ".join(problems))
+    quant = QuantConfig(
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype,
+        skip=["lm_head"] if args.skip is None else list(args.skip),
+    )
     return QuantizeArgs(
         model=args.model,
-        out=out,
         plan=plan,
-        quant_type=args.quant_type,
-        blocksize=b,
-        double_quant=args.double_quant,
-        skip=("lm_head",) if args.skip is None else tuple(args.skip),
-        compute_dtype=None if args.compute_dtype == "auto" else parse_dtype(args.compute_dtype),
+        quant=quant,
         perplexity=args.perplexity,
         max_length=args.max_length,
         max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
     )
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
-def quantize_command(opts: QuantizeArgs) -> str:
-    """Load, measure, quantize, measure, save; returns the report text."""
-    source = resolve_model_path(opts.model)
-    if source.is_dir() and is_quantized_folder(source):
-        raise ConfigError(f"{source} is already a 4-bit folder; quantize the original (16-bit) model instead")
-    started = time.perf_counter()
-    model, tokenizer = load_model(opts.model, dtype="auto")
-    load_seconds = time.perf_counter() - started
-    text = builtin_eval_text()
-    before = perplexity(model, tokenizer, text, max_length=opts.max_length) if opts.perplexity else None
-    report = quantize_model(
-        model,
-        skip=opts.skip,
-        blocksize=opts.blocksize,
-        quant_type=opts.quant_type,
-        double_quant=opts.double_quant,
-        compute_dtype=opts.compute_dtype,
-    )
-    after = perplexity(model, tokenizer, text, max_length=opts.max_length) if opts.perplexity else None
-    save_quantized(model, tokenizer, opts.out, max_shard_size=opts.max_shard_size, plan=opts.plan)
-    lines = [
-        f"Loaded {opts.model} ({source}) in {load_seconds:.1f} s",
-        format_report(
-            report,
-            perplexity_before=None if before is None else before.perplexity,
-            perplexity_after=None if after is None else after.perplexity,
-        ),
-    ]
-    if before is not None:
-        lines.append(f"  perplexity measured on {before.tokens} tokens, windows of {opts.max_length}")
-    lines.append(f"Wrote {opts.out} ({format_bytes(_folder_bytes(opts.out))} of weights)")
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     opts = parse_args(args)
-    with torch.no_grad():
-        text = quantize_command(opts)
+    text = quantize_folder(
+        opts.model,
+        opts.plan,
+        opts.quant,
+        measure_perplexity=opts.perplexity,
+        max_length=opts.max_length,
+        max_shard_size=opts.max_shard_size,
+    )
     print(text, flush=True)
     return 0

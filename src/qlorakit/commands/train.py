@@ -7,50 +7,25 @@ LoRA on every linear layer, on the built-in instruction dataset, into `runs/qlor
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import typing
 from pathlib import Path
 from typing import Any
 
-from qlorakit import config
 from qlorakit.config import Config, load_config
 from qlorakit.core.outputs import OutputPlan, disk_errors
 from qlorakit.train.recipe import run_training
 
 
-def _field_docs() -> dict[tuple[str, str], str]:
-    """(class name, field) -> the docstring written under the field in config.py."""
-    docs: dict[tuple[str, str], str] = {}
-    tree = ast.parse(inspect.getsource(config))
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        body = node.body
-        for a, b in zip(body, body[1:], strict=False):
-            if (
-                isinstance(a, ast.AnnAssign)
-                and isinstance(a.target, ast.Name)
-                and isinstance(b, ast.Expr)
-                and isinstance(b.value, ast.Constant)
-                and isinstance(b.value.value, str)
-            ):
-                docs[(node.name, a.target.id)] = " ".join(b.value.value.split())
-    return docs
-
-
 def config_help() -> str:
-    """Every `--section.key` with its default and description (from the config dataclasses)."""
-    docs = _field_docs()
+    """Every `--section.key` with its default and the `help` of its field (from the config dataclasses)."""
     lines = ["configuration keys (YAML sections, or --section.key=value overrides):"]
     for section in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[section.name]
         default = cls()
         for f in dataclasses.fields(cls):
-            value = getattr(default, f.name)
-            text = f"  --{section.name}.{f.name}={value!r}"
-            doc = docs.get((cls.__name__, f.name))
+            text = f"  --{section.name}.{f.name}={getattr(default, f.name)!r}"
+            doc = f.metadata.get("help")
             lines.append(text if doc is None else f"{text}\n        {doc}")
     return "\n".join(lines)
 

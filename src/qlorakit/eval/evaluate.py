@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from qlorakit.lora.peft_format import load_adapter
 from qlorakit.loss import next_token_nll
 from qlorakit.models.decode import pad_token_id
 from qlorakit.models.load import adapter_quant_config, load_base
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # ---------------------------------------------------------------------------------------------------------
 # One evaluation pass
@@ -76,7 +79,7 @@ def response_loss(
 
 
 def predict(
-    model: nn.Module, tokenizer: Any, records: Sequence[Record], template: str, settings: GenerationSettings
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], template: str, settings: GenerationSettings
 ) -> list[str]:
     """Greedy completions of each record's prompt (its conversation without the final answer)."""
     out = []
@@ -88,7 +91,7 @@ def predict(
 
 def evaluate_pass(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     records: Sequence[Record],
     *,
@@ -219,7 +222,7 @@ def evaluate(
 
 def _evaluate_passes(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     kept: list[tuple[Record, Example]],
     labels: Sequence[str],
     *,

@@ -33,7 +33,7 @@ from qlorakit.lora.peft_format import load_adapter, read_adapter_config
 from qlorakit.models.load import adapter_quant_config, load_base, resolve_compute_dtype
 from qlorakit.models.resolve import is_quantized_folder, resolve_model_path
 from qlorakit.models.shape import estimated_bytes
-from qlorakit.quant.convert import quantize_model_as, save_quantized
+from qlorakit.quant.convert import quantize_model, save_quantized
 from qlorakit.quant.loading import load_quantized
 
 BASES = ("nf4", "original")
@@ -194,9 +194,10 @@ def _requantize(dense_dir: Path, out_dir: Path, tokenizer: Any, quant: QuantConf
     """Load the merged fp32 folder, quantize it to 4 bits in place and save it as a 4-bit folder."""
     from transformers import AutoModelForCausalLM
 
+
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
     merged = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    quantize_model_as(merged, quant, compute_dtype)
+    quantize_model(merged, quant.to_settings(compute_dtype))
     save_quantized(merged, tokenizer, out_dir)
     del merged
     gc.collect()

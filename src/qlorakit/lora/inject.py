@@ -20,6 +20,7 @@ from qlorakit.core.errors import ConfigError, ModelError
 from qlorakit.lora.layer import LoRALinear
 from qlorakit.lora.modules_to_save import ModulesToSaveWrapper
 from qlorakit.quant.linear import Linear4bit
+from qlorakit.quant.select import matches_suffix, matching_patterns
 
 ALL_LINEAR = "all-linear"
 # PEFT's default layer-index rule: the first numbered path segment, e.g. `model.layers.3.` or `transformer.h.3.`.
@@ -76,14 +77,10 @@ def layer_index(path: str) -> int | None:
     return int(match.group("idx")) if match else None
 
 
-def _suffix_match(path: str, names: list[str]) -> bool:
-    return any(path == n or path.endswith("." + n) for n in names)
-
-
 def _excluded(path: str, exclude: str | list[str]) -> bool:
     if isinstance(exclude, str):  # a PEFT adapter_config may carry a regex here
         return re.fullmatch(exclude, path) is not None
-    return _suffix_match(path, exclude)
+    return matches_suffix(path, exclude)
 
 
 def _under_modules_to_save(path: str, modules_to_save: list[str]) -> bool:
@@ -124,7 +121,7 @@ def select_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         elif isinstance(targets, str):
             matched = re.fullmatch(targets, path) is not None
         else:
-            found = [t for t in targets if path == t or path.endswith("." + t)]
+            found = matching_patterns(path, targets)
             hit.update(found)
             matched = bool(found)
         if (
@@ -181,7 +178,7 @@ def modules_to_save_paths(model: nn.Module, names: list[str]) -> list[str]:
     """Paths of the modules `names` select (suffix on a dot boundary; a match inside another is dropped)."""
     found: list[str] = []
     for name in names:
-        paths = [p for p, _ in _walk(model) if p and _suffix_match(p, [name])]
+        paths = [p for p, _ in _walk(model) if p and matches_suffix(p, [name])]
         if not paths:
             raise ModelError(f"lora.modules_to_save entry {name!r} matched no module in the model")
         found.extend(p for p in paths if p not in found and not any(p.startswith(w + ".") for w in found))

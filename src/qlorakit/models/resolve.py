@@ -31,9 +31,8 @@ from qlorakit.config import QuantConfig
 from qlorakit.core.atomic import atomic_directory, atomic_write_json
 from qlorakit.core.errors import CheckpointError, ModelError
 from qlorakit.core.paths import cache_root
-from qlorakit.quant.convert import quantize_model_as
 from qlorakit.quant.linear import default_compute_dtype
-from qlorakit.quant.loading import check_checkpoint_shapes, load_quantized, load_quantizing
+from qlorakit.quant.loading import check_checkpoint_shapes, load_quantized
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -250,7 +249,10 @@ def _load_full_precision(
     stream = quantize is not None and not trust_remote_code and _has_safetensors(folder)
     try:
         if stream:
-            model = load_quantizing(folder, quantize, dtype)  # None: keys need transformers' loading
+            from qlorakit.quant.loading import load_quantizing
+
+            # None: the keys need transformers' loading
+            model = load_quantizing(folder, quantize.to_settings(dtype))
             if model is not None:
                 return model
         if not trust_remote_code and _has_safetensors(folder):
@@ -265,7 +267,9 @@ def _load_full_precision(
     except (ValueError, OSError) as exc:
         raise ModelError(f"cannot load the model in {folder}: {exc}") from exc
     if quantize is not None:
-        quantize_model_as(model, quantize, dtype)  # type: ignore[arg-type]
+        from qlorakit.quant.convert import quantize_model
+
+        quantize_model(model, quantize.to_settings(dtype))  # type: ignore[arg-type]
     return model
 
 

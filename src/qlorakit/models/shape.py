@@ -18,6 +18,7 @@ from typing import Any
 from qlorakit.core.dtypes import FLOAT_DTYPE_NAMES, dtype_name
 from qlorakit.core.errors import ConfigError, QLoraKitError
 from qlorakit.models.resolve import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_path, gguf_conversion_cached
+from qlorakit.quant.select import matches_suffix
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def target_linears(arch: ModelShape, targets: str | list[str] | tuple[str, ...])
         if matched:
             return matched
     names = [targets] if isinstance(targets, str) else list(targets)
-    chosen = [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
+    chosen = [lin for lin in linears if matches_suffix(lin.name, names)]
     if not chosen:
         known = ", ".join(lin.name.split(".")[-1] for lin in linears)
         raise ConfigError(

@@ -16,7 +16,8 @@ from qlorakit.core.dtypes import FLOAT_DTYPES
 from qlorakit.core.errors import QuantizationError
 from qlorakit.quant import kernels
 from qlorakit.quant.codes import DYNAMIC_CODE, get_code, quantize_bounds
-from qlorakit.quant.state import BLOCKSIZES, NestedState, QuantState
+from qlorakit.quant.settings import check_blocksize
+from qlorakit.quant.state import NestedState, QuantState
 
 NESTED_BLOCKSIZE = 256
 # bitsandbytes clamps the block scale before taking its reciprocal (all-zero blocks)
@@ -30,15 +31,6 @@ def _cpu_kernels() -> ModuleType | None:
     if os.environ.get("QLORAKIT_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no"):
         return None
     return kernels if kernels.available() else None
-
-
-def check_blocksize(blocksize: int) -> int:
-    """`blocksize` if it is a power of two in [32, 4096], else QuantizationError."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
-        raise QuantizationError(
-            f"invalid blocksize {blocksize!r}: use a power of two from 32 to 4096 ({', '.join(map(str, BLOCKSIZES))})"
-        )
-    return blocksize
 
 
 def _describe(A: torch.Tensor, name: str | None) -> str:
@@ -293,7 +285,6 @@ def bits_per_parameter(state: QuantState) -> float:
 __all__ = [
     "NESTED_BLOCKSIZE",
     "bits_per_parameter",
-    "check_blocksize",
     "dequantize_4bit",
     "dequantize_blocks",
     "dequantize_blocks_reference",

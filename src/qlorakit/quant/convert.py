@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,43 +24,11 @@ from qlorakit.core.outputs import OutputPlan, check_output, output_folder
 from qlorakit.quant.blockwise import bits_per_parameter
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype
 from qlorakit.quant.report import LayerReport, QuantizeReport, weight_error
+from qlorakit.quant.select import as_linear, conv1d_class, is_quantizable, select_layers
+from qlorakit.quant.settings import QuantSettings
 from qlorakit.quant.state import state_to_tensors
 
-if TYPE_CHECKING:
-    from qlorakit.config import QuantConfig
-
 STATE_KEY_MARK = ".weight.quant_state.bitsandbytes__"
-
-
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _is_quantizable(module: nn.Module, conv1d: type | None) -> bool:
-    # Exact type, as transformers does: subclasses of nn.Linear (adapters, other 4-bit layers) are left alone.
-    return type(module) is nn.Linear or (conv1d is not None and isinstance(module, conv1d))
-
-
-def matches_skip(name: str, patterns: Sequence[str]) -> bool:
-    """True when `name` equals a pattern or ends with "." + pattern (a module-name suffix)."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _as_linear(module: nn.Module, conv1d: type | None) -> nn.Linear:
-    """`module` itself, or for a Conv1D (weight [in, out]) a Linear view with weight [out, in]."""
-    if type(module) is nn.Linear:
-        return module
-    assert conv1d is not None and isinstance(module, conv1d)
-    in_features, out_features = module.weight.shape
-    shim = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
-    shim.weight = nn.Parameter(module.weight.detach().t(), requires_grad=False)
-    if module.bias is not None:
-        shim.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-    return shim
 
 
 def _tensor_bytes(model: nn.Module) -> int:
@@ -75,45 +42,24 @@ def _tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-def _shared_weight_ids(model: nn.Module) -> set[int]:
-    """ids of weights tied to an embedding or owned by more than one module: never quantized."""
-    owners: dict[int, int] = {}
-    embeddings: set[int] = set()
-    for module in model.modules():
-        for _, p in module.named_parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-        if isinstance(module, nn.Embedding):
-            embeddings.add(id(module.weight))
-    return embeddings | {pid for pid, n in owners.items() if n > 1}
+def quantize_layer(
+    model: nn.Module, name: str, settings: QuantSettings, compute_dtype: torch.dtype
+) -> LayerReport:
+    """Replace the linear layer `name` of `model` by a Linear4bit (in place); returns its errors and sizes.
 
-
-def select_layers(model: nn.Module, skip: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """(names of the layers `quantize_model` replaces, [(name, why kept)]): exact nn.Linear / Conv1D, not
-    matching `skip`, weight not shared with an embedding or another module.
-
-    Names only: holding module objects would keep every original weight alive until the end.
+    `compute_dtype` is the resolved one (`settings.compute_dtype`, or the best for the layer's device).
     """
-    conv1d = _conv1d_class()
-    shared = _shared_weight_ids(model)
-    names, skipped = [], []
-    for name, module in model.named_modules():
-        if not _is_quantizable(module, conv1d):
-            continue
-        if id(module.weight) in shared:
-            skipped.append((name, "tied to an embedding"))
-        elif matches_skip(name, skip):
-            skipped.append((name, "skipped"))
-        else:
-            names.append(name)
-    return names, skipped
-
-
-def _quantize_one(model: nn.Module, name: str, conv1d: type | None, settings: dict[str, Any]) -> LayerReport:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    linear = _as_linear(getattr(parent, child), conv1d)
+    linear = as_linear(getattr(parent, child), conv1d_class())
     weight = linear.weight
-    q = Linear4bit.from_linear(linear, **settings)
+    q = Linear4bit.from_linear(
+        linear,
+        blocksize=settings.blocksize,
+        quant_type=settings.quant_type,
+        double_quant=settings.double_quant,
+        compute_dtype=compute_dtype,
+    )
     q.train(parent.training)
     setattr(parent, child, q)  # the original module (and its weight) is released here
     del linear
@@ -133,63 +79,35 @@ def _quantize_one(model: nn.Module, name: str, conv1d: type | None, settings: di
     return report
 
 
-def quantize_model_as(
-    model: nn.Module, quant: QuantConfig, compute_dtype: torch.dtype | None
-) -> QuantizeReport:
-    """`quantize_model` with the settings of a `quant` config section."""
-    return quantize_model(
-        model,
-        skip=tuple(quant.skip),
-        blocksize=quant.blocksize,
-        quant_type=quant.quant_type,
-        double_quant=quant.double_quant,
-        compute_dtype=compute_dtype,
-    )
-
-
-def quantize_model(
-    model: nn.Module,
-    *,
-    skip: Sequence[str] = ("lm_head",),
-    blocksize: int = 64,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | None = None,
-) -> QuantizeReport:
+def quantize_model(model: nn.Module, settings: QuantSettings | None = None) -> QuantizeReport:
     """Replace, in place and one at a time, each nn.Linear / Conv1D of `model` by a Linear4bit.
 
-    skip: module names (exact path or name suffix such as "lm_head" or "mlp.down_proj") to keep in full
-    precision; weights tied to an embedding are never quantized. compute_dtype None picks the best
-    dtype for the device of each layer. Returns per-layer errors and sizes.
+    `settings.skip` names the layers kept in full precision; weights tied to an embedding are never
+    quantized. `settings.compute_dtype` None picks the best dtype for the device of each layer. Returns
+    per-layer errors and sizes. None: the defaults of `QuantSettings` (NF4, blocksize 64, double quant).
     """
-    if isinstance(skip, str):
-        raise QuantizationError(f"skip must be a sequence of module names, got the string {skip!r}")
+    settings = settings if settings is not None else QuantSettings()
     started = time.perf_counter()
-    conv1d = _conv1d_class()
     bytes_before = _tensor_bytes(model)
-    names, skipped = select_layers(model, skip)
+    names, skipped = select_layers(model, settings.skip)
     if not names:
         raise QuantizationError(
-            f"no linear layer left to quantize in {type(model).__name__} (skip={list(skip)})"
+            f"no linear layer left to quantize in {type(model).__name__} (skip={list(settings.skip)})"
         )
     layers = []
-    chosen = compute_dtype
+    chosen = settings.compute_dtype
     for name in names:
         device = model.get_submodule(name).weight.device
-        chosen = compute_dtype if compute_dtype is not None else default_compute_dtype(device)
-        settings = {
-            "blocksize": blocksize,
-            "quant_type": quant_type,
-            "double_quant": double_quant,
-            "compute_dtype": chosen,
-        }
-        layers.append(_quantize_one(model, name, conv1d, settings))
+        chosen = (
+            settings.compute_dtype if settings.compute_dtype is not None else default_compute_dtype(device)
+        )
+        layers.append(quantize_layer(model, name, settings, chosen))
     return QuantizeReport(
         layers=tuple(layers),
         skipped=tuple(skipped),
-        quant_type=quant_type,
-        blocksize=blocksize,
-        double_quant=double_quant,
+        quant_type=settings.quant_type,
+        blocksize=settings.blocksize,
+        double_quant=settings.double_quant,
         compute_dtype=chosen,
         model_bytes_before=bytes_before,
         model_bytes_after=_tensor_bytes(model),
@@ -226,15 +144,15 @@ def bnb_quantization_config(
 def _skip_modules_entry(model: nn.Module) -> list[str] | None:
     """None when transformers' own default skips are exactly the layers left in full precision
     (what it writes itself), else the explicit list (which replaces its defaults on load)."""
-    conv1d = _conv1d_class()
-    kept = sorted(n for n, m in model.named_modules() if _is_quantizable(m, conv1d))
+    conv1d = conv1d_class()
+    kept = sorted(n for n, m in model.named_modules() if is_quantizable(m, conv1d))
     try:
         from transformers.quantizers.base import get_keys_to_not_convert
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:
         return kept
     candidates = [
-        n for n, m in model.named_modules() if _is_quantizable(m, conv1d) or isinstance(m, Linear4bit)
+        n for n, m in model.named_modules() if is_quantizable(m, conv1d) or isinstance(m, Linear4bit)
     ]
     defaults = get_keys_to_not_convert(model)
     default_kept = sorted(n for n in candidates if not should_convert_module(n, defaults))
@@ -309,7 +227,7 @@ def save_quantized(
 
 __all__ = [
     "bnb_quantization_config",
-    "matches_skip",
+    "quantize_layer",
     "quantize_model",
     "quantized_layers",
     "save_quantized",

@@ -15,6 +15,7 @@ import torch
 from qlorakit.core import native
 from qlorakit.core.errors import QuantizationError
 from qlorakit.quant.codes import quantize_bounds
+from qlorakit.quant.settings import check_blocksize
 
 _I64, _P, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 SOURCE = native.register(
@@ -64,11 +65,6 @@ def _check_cpu(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int | None
         )
 
 
-def _check_blocksize(blocksize: int) -> None:
-    if not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
-        raise QuantizationError(f"blocksize must be a positive even integer, got {blocksize!r}")
-
-
 def _isa_for(force_isa: int | None) -> int:
     best = native.best_isa()
     if force_isa is None:
@@ -95,7 +91,7 @@ def dequantize_blocks_cpu(
     force_isa (0 scalar, 1 AVX2, 2 AVX-512) pins a code path; tests use it to compare them.
     """
     lib = _require()
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if not isinstance(numel, int) or numel < 0:
         raise QuantizationError(f"numel must be a non-negative integer, got {numel!r}")
     if out_dtype not in _OUT_KINDS:
@@ -133,7 +129,7 @@ def quantize_blocks_cpu(
     clamped value, as bitsandbytes does.
     """
     lib = _require()
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     _check_cpu("flat", flat, torch.float32)
     if flat.dim() != 1:
         raise QuantizationError(f"flat must be 1-D, got shape {tuple(flat.shape)}; pass tensor.reshape(-1)")

@@ -18,25 +18,17 @@ import struct
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from qlorakit.core.errors import CheckpointError, QuantizationError
-from qlorakit.quant.convert import (
-    STATE_KEY_MARK,
-    _as_linear,
-    _conv1d_class,
-    _is_quantizable,
-    _quantize_one,
-    select_layers,
-)
+from qlorakit.quant.convert import STATE_KEY_MARK, quantize_layer
 from qlorakit.quant.linear import Linear4bit, default_compute_dtype
+from qlorakit.quant.select import as_linear, conv1d_class, is_quantizable, select_layers
+from qlorakit.quant.settings import QuantSettings
 from qlorakit.quant.state import state_from_tensors
-
-if TYPE_CHECKING:
-    from qlorakit.config import QuantConfig
 
 
 @contextlib.contextmanager
@@ -192,7 +184,7 @@ def check_checkpoint_shapes(folder: str | os.PathLike[str]) -> None:
 
 
 def _swap_in_4bit(model: nn.Module, prefix: str, reader: _Reader, compute_dtype: torch.dtype) -> None:
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     name = prefix[:-1]
     source = str(reader.files[next(k for k in reader.files if k.startswith(f"{prefix}weight."))])
     try:
@@ -201,11 +193,11 @@ def _swap_in_4bit(model: nn.Module, prefix: str, reader: _Reader, compute_dtype:
         raise CheckpointError(
             f"{source}: 4-bit weight {prefix}weight has no module {name!r} in the model"
         ) from exc
-    if not _is_quantizable(module, conv1d):
+    if not is_quantizable(module, conv1d):
         raise CheckpointError(f"{source}: {prefix}weight is 4-bit but {name} is a {type(module).__name__}")
     tensors = {k: reader.get(k) for k in reader.files if k.startswith(f"{prefix}weight")}
     packed, state = state_from_tensors(prefix, tensors, source=source)
-    linear = _as_linear(module, conv1d)
+    linear = as_linear(module, conv1d)
     expected = (linear.out_features, linear.in_features)
     if tuple(state.shape) != expected:
         raise CheckpointError(
@@ -319,16 +311,19 @@ def _fill(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
-def load_quantizing(
-    folder: str | os.PathLike[str], quant: QuantConfig, compute_dtype: torch.dtype
-) -> nn.Module | None:
+def load_quantizing(folder: str | os.PathLike[str], settings: QuantSettings) -> nn.Module | None:
     """Load a full-precision HF folder quantizing as it reads (see the module doc); eval mode, CPU.
 
-    Every tensor is cast to `compute_dtype` as `from_pretrained(dtype=compute_dtype)` would, and the
-    layers `quantize_model_as(model, quant, compute_dtype)` would quantize are quantized from it, one
+    `settings.compute_dtype` must be set: every tensor is cast to it as `from_pretrained(dtype=...)`
+    would, and the layers `quantize_model(model, settings)` would quantize are quantized from it, one
     at a time. Returns None when the folder's tensor names are not exactly the model's (a checkpoint that
     needs transformers' key conversions): callers then use from_pretrained + quantize_model.
     """
+    compute_dtype = settings.compute_dtype
+    if compute_dtype is None:
+        raise QuantizationError(
+            "load_quantizing needs settings.compute_dtype (the dtype of the weights read)"
+        )
     folder = Path(folder)
     files = _checkpoint_files(folder)
     if any(STATE_KEY_MARK in k for k in files):
@@ -338,21 +333,14 @@ def load_quantizing(
         keys = _check_keys(model, files, [], folder)
     except CheckpointError:
         return None
-    settings = dict(
-        blocksize=quant.blocksize,
-        quant_type=quant.quant_type,
-        double_quant=quant.double_quant,
-        compute_dtype=compute_dtype,
-    )
-    conv1d = _conv1d_class()
     with _Reader(files) as reader:
         _check_shapes(model, reader, keys)
-        quantized, _ = select_layers(model, tuple(quant.skip))
+        quantized, _ = select_layers(model, settings.skip)
         for name in quantized:
             for attr in ("weight", "bias"):
                 if f"{name}.{attr}" in files:
                     _fill(model, f"{name}.{attr}", reader.get(f"{name}.{attr}").to(compute_dtype))
-            _quantize_one(model, name, conv1d, settings)
+            quantize_layer(model, name, settings, compute_dtype)
         done = tuple(f"{n}." for n in quantized)
         for key in keys:
             if not key.startswith(done):

@@ -17,8 +17,8 @@ import torch
 from qlorakit.core.dtypes import FLOAT_DTYPES, dtype_name
 from qlorakit.core.errors import CheckpointError, QuantizationError
 from qlorakit.quant.codes import QUANT_TYPES, get_code
+from qlorakit.quant.settings import BLOCKSIZES, blocksize_problem
 
-BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # dtypes bitsandbytes accepts as `quant_storage` for the packed weight (read back as raw bytes)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
@@ -98,7 +98,7 @@ def _validate_state(state: QuantState) -> None:
     problems = []
     if state.quant_type not in QUANT_TYPES:
         problems.append(f"quant_type {state.quant_type!r} is not one of {QUANT_TYPES}")
-    if state.blocksize not in BLOCKSIZES:
+    if blocksize_problem(state.blocksize) is not None:
         problems.append(f"blocksize {state.blocksize!r} is not one of {BLOCKSIZES}")
     if state.dtype not in FLOAT_DTYPES.values():
         problems.append(f"dtype {state.dtype} is not one of {tuple(FLOAT_DTYPES)}")
@@ -206,7 +206,7 @@ def _parse_meta(meta: dict, key: str, source: str, quant_type: str) -> dict:
             raise bad(field, "is missing")
     if meta["quant_type"] != quant_type:
         raise bad("quant_type", f"must be {quant_type!r}, as the key name says")
-    if not _is_int(meta["blocksize"]) or meta["blocksize"] not in BLOCKSIZES:
+    if blocksize_problem(meta["blocksize"]) is not None:
         raise bad("blocksize", f"must be one of {BLOCKSIZES}")
     if meta["dtype"] not in FLOAT_DTYPES:
         raise bad("dtype", f"must be one of {tuple(FLOAT_DTYPES)}")

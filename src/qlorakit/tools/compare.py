@@ -4,13 +4,12 @@ Each run folder holds what the training pipeline writes: `summary.json` (peak RS
 held-out exact match), `metrics.jsonl` (one record per logged step, `split` train or val), the adapter
 (`adapter_model.safetensors`) and `config.yaml`. Nothing here trains: `read_run` reads a folder,
 `build_report` turns two runs into Markdown (a pure function), and `write_report` adds the plots and writes
-everything atomically. `qlorakit compare` (commands/compare.py) runs the two trainings, then calls it.
+everything atomically. `qlorakit compare` (tools/compare_runs.py) runs the two trainings, then calls it.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from qlorakit.lora.peft_format import WEIGHTS_NAME
 from qlorakit.models.shape import ModelShape
 from qlorakit.tools.estimate.memory import CONFIG_OPTIMIZERS, estimate_memory
 from qlorakit.train.metrics import JSONL, read_records
+from qlorakit.train.report import SUMMARY, RunSummary, read_summary
 
 REPORT = "report.md"
 PLOTS = {"loss": "loss_curves.png", "memory": "peak_memory.png", "speed": "speed.png"}
-SUMMARY = "summary.json"
 # Keys of the resolved config that are allowed to differ between the two runs.
 _EXPECTED_DIFFERENCES = ("quant.enabled", "output.dir")
 
@@ -38,19 +37,19 @@ class RunResult:
 
     label: str
     folder: Path
-    summary: dict[str, Any]
+    summary: RunSummary
     records: list[dict[str, Any]]
     adapter_bytes: int
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peak_rss_mib(self) -> float:
-        return float(self.summary["peak_rss_mib"])
+        return self.summary.peak_rss_mib
 
     @property
     def mean_step_time_s(self) -> float:
         """Training time (forward, backward, optimizer; no evaluation) per optimizer step."""
-        return float(self.summary["train_time_s"]) / max(1, int(self.summary["steps"]))
+        return self.summary.train_time_s / max(1, self.summary.steps)
 
     @property
     def median_step_time_s(self) -> float:
@@ -60,15 +59,15 @@ class RunResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return float(self.summary["tokens_per_s"])
+        return self.summary.tokens_per_s
 
     @property
     def final_val_loss(self) -> float | None:
-        return self.summary.get("val_loss_after")
+        return self.summary.val_loss_after
 
     def compute_dtype(self, auto: str | None = None) -> str:
         """The run's compute dtype (also the dtype of a 16-bit base); `auto` names what "auto" resolved to."""
-        name = self.summary.get("compute_dtype") or self.config.get("quant", {}).get("compute_dtype", "n/a")
+        name = self.config.get("quant", {}).get("compute_dtype", "n/a")
         return f"auto ({auto})" if name == "auto" and auto else str(name)
 
 
@@ -91,19 +90,11 @@ def read_run(folder: str | Path, label: str) -> RunResult:
 
     folder = Path(folder)
     summary_path = folder / SUMMARY
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
+    if not summary_path.exists():
         raise CheckpointError(
             f"{summary_path} is missing: the {label} run did not finish (rerun it, or check its output)"
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {summary_path}: {exc}") from exc
-    missing = [k for k in ("peak_rss_mib", "train_time_s", "steps", "tokens_per_s") if k not in summary]
-    if missing:
-        raise CheckpointError(
-            f"{summary_path} has no {', '.join(missing)}; was it written by qlorakit train?"
         )
+    summary = read_summary(folder)
     adapter = folder / WEIGHTS_NAME
     if not adapter.is_file():
         raise CheckpointError(f"{adapter} is missing: the {label} run saved no adapter")
@@ -141,11 +132,9 @@ def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _exact(s: dict[str, Any]) -> str:
-    if "exact_before" not in s or "samples" not in s:
-        return "n/a"
-    n = s["samples"]
-    return f"{s['exact_before']}/{n} → {s['exact_after']}/{n}"
+def _exact(s: RunSummary) -> str:
+    n = s.samples
+    return f"{s.exact_before}/{n} → {s.exact_after}/{n}"
 
 
 def _estimate(run: RunResult, auto_dtype: str | None) -> str:
@@ -190,25 +179,23 @@ def table_rows(
         return name, fmt(lora), fmt(qlora)
 
     return [
-        row("Base weights", lambda r: str(r.summary.get("quantization", "n/a"))),
+        row("Base weights", lambda r: r.summary.quantization),
         row("Compute dtype", lambda r: r.compute_dtype(auto_dtype)),
         row("Peak memory (RSS, whole process)", lambda r: f"{r.peak_rss_mib:,.0f} MiB"),
         row("Estimated peak (qlorakit estimate, at max_length)", lambda r: _estimate(r, auto_dtype)),
         row("Step time (median)", lambda r: f"{r.median_step_time_s:.3f} s"),
         row("Step time (mean)", lambda r: f"{r.mean_step_time_s:.3f} s"),
         row("Throughput", lambda r: f"{r.tokens_per_s:,.1f} tokens/s"),
-        row("Steps", lambda r: str(r.summary["steps"])),
-        row("Final train loss", lambda r: _loss(r.summary.get("final_train_loss"))),
+        row("Steps", lambda r: str(r.summary.steps)),
+        row("Final train loss", lambda r: _loss(r.summary.final_train_loss)),
         row(
             "Validation loss before → after",
-            lambda r: f"{_loss(r.summary.get('val_loss_before'))} → {_loss(r.final_val_loss)}",
+            lambda r: f"{_loss(r.summary.val_loss_before)} → {_loss(r.final_val_loss)}",
         ),
-        row("Best validation loss", lambda r: _loss(r.summary.get("best_val_loss"))),
+        row("Best validation loss", lambda r: _loss(r.summary.best_val_loss)),
         row("Held-out exact match before → after", lambda r: _exact(r.summary)),
         row("Adapter size on disk", lambda r: format_bytes(r.adapter_bytes)),
-        row(
-            "Wall time (load, train, evaluate)", lambda r: f"{float(r.summary.get('wall_time_s', 0.0)):.1f} s"
-        ),
+        row("Wall time (load, train, evaluate)", lambda r: f"{r.summary.wall_time_s:.1f} s"),
     ]
 
 
@@ -223,7 +210,7 @@ def conclusion(lora: RunResult, qlora: RunResult) -> str:
         diff, kind = qlora.final_val_loss - lora.final_val_loss, "validation"
         a, b = qlora.final_val_loss, lora.final_val_loss
     else:
-        a, b = qlora.summary.get("final_train_loss"), lora.summary.get("final_train_loss")
+        a, b = qlora.summary.final_train_loss, lora.summary.final_train_loss
         diff, kind = (None if a is None or b is None else a - b), "train"
     if diff is None:
         return text + "."
@@ -239,7 +226,7 @@ def build_report(
     header = [
         "# 16-bit LoRA vs QLoRA",
         "",
-        f"Base model `{s.get('base_model', 'n/a')}`, LoRA r={s.get('lora_r', 'n/a')} alpha={s.get('lora_alpha', 'n/a')}; "
+        f"Base model `{s.base_model}`, LoRA r={s.lora_r} alpha={s.lora_alpha}; "
         "the same data, seed and number of steps for both runs, each in its own process (so each peak "
         "memory is that run's alone).",
         "",

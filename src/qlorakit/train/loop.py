@@ -32,7 +32,7 @@ from qlorakit.train.distributed import (
     barrier,
     gather_bytes,
 )
-from qlorakit.train.metrics import MetricsWriter, progress_bar
+from qlorakit.train.metrics import MetricsWriter, ThroughputWindow, progress_bar
 from qlorakit.train.optim import lr_at, set_lr, trainable_named_parameters
 from qlorakit.train.sampler import BatchOrder
 
@@ -272,31 +272,6 @@ def _update_best(state: LoopState, val_loss: float | None) -> bool:
     return False
 
 
-class ThroughputWindow:
-    """Loss and tokens/s averaged over the steps since the last metrics record."""
-
-    def __init__(self) -> None:
-        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
-
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
-        self.loss, self.steps = self.loss + loss, self.steps + 1
-        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
-
-    def record(self, state: LoopState, epoch: float, lr: float, grad_norm: float) -> dict[str, Any]:
-        """The `train` metrics row; resets the window."""
-        row = {
-            "step": state.step, "split": "train", "epoch": epoch, "loss": self.loss / max(1, self.steps),
-            "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens, "tokens_per_s": self.tokens_per_s,
-            "elapsed_s": state.train_time_s,
-        }  # fmt: skip
-        self.__init__()
-        return row
-
-
 def _micro_batches(
     examples: Sequence[Example],
     order: BatchOrder,
@@ -313,6 +288,44 @@ def _micro_batches(
         )
         for k in range(cfg.grad_accum)
     ]
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    batches: list[Batch],
+    total_steps: int,
+    state: LoopState,
+    cfg: TrainConfig,
+    plan: CheckpointPlan,
+    ctx: DistContext,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[float, float, int, float, float]:
+    """One optimizer step over this rank's micro-batches, advancing `state`; (lr, loss, tokens, seconds,
+    grad norm). TrainingDivergedError before the update when the loss or the gradient is not finite."""
+    lr = lr_at(
+        state.step,
+        base_lr=cfg.lr,
+        schedule=cfg.schedule,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=total_steps,
+    )
+    set_lr(optimizer, lr)
+    started = time.perf_counter()
+    loss, _, tokens = accumulate_gradients(model, batches, ctx, autocast_dtype)
+    grad_norm = clip_gradients(params, cfg.max_grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update touches weights
+        raise _diverged(state.step + 1, loss, grad_norm, lr, plan)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    state.step += 1
+    state.position += cfg.batch_size * ctx.world_size * cfg.grad_accum
+    state.tokens += tokens
+    state.train_time_s += seconds
+    state.last_train_loss = loss
+    return lr, loss, tokens, seconds, grad_norm
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,43 +359,23 @@ def train_loop(
     with StopRequest() as stop:
         while state.step < total_steps:
             batches = _micro_batches(train_examples, order, collate_fn, state.position, cfg, ctx)
-            lr = lr_at(
-                state.step,
-                base_lr=cfg.lr,
-                schedule=cfg.schedule,
-                warmup_steps=cfg.warmup_steps,
-                total_steps=total_steps,
+            lr, loss, tokens, seconds, grad_norm = _optimizer_step(
+                model, optimizer, params, batches, total_steps, state, cfg, plan, ctx, autocast_dtype
             )
-            set_lr(optimizer, lr)
-            started = time.perf_counter()
-            loss, _, tokens = accumulate_gradients(model, batches, ctx, autocast_dtype)
-            grad_norm = clip_gradients(params, cfg.max_grad_norm)
-            if not (
-                math.isfinite(loss) and math.isfinite(grad_norm)
-            ):  # stop before the update touches weights
-                raise _diverged(state.step + 1, loss, grad_norm, lr, plan)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - started
-            state.step += 1
-            state.position += cfg.batch_size * ctx.world_size * cfg.grad_accum
-            state.tokens += tokens
-            state.train_time_s += seconds
-            state.last_train_loss = loss
             window.add(loss, tokens, seconds)
             bar.set_postfix(
                 loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.tokens_per_s:.0f}", refresh=False
             )
             bar.update(1)
-            last = state.step == total_steps
+            last, epoch = state.step == total_steps, order.epoch(state.position)
             if state.step % cfg.log_every == 0 or last:
-                metrics.log(window.record(state, order.epoch(state.position), lr, grad_norm))
+                metrics.log(window.record(state.step, state.tokens, state.train_time_s, epoch, lr, grad_norm))
             new_best = False
             if state.step % cfg.eval_every == 0 or last:
                 val = evaluate_loss(model, val_examples, collate_fn, **evaluate)
                 new_best = _update_best(state, val)
                 if val is not None:
-                    metrics.log({"step": state.step, "split": "val", "epoch": order.epoch(state.position), "loss": val,
+                    metrics.log({"step": state.step, "split": "val", "epoch": epoch, "loss": val,
                                  "elapsed_s": state.train_time_s})  # fmt: skip
                     bar.write(f"step {state.step}: val loss {val:.4f}" + (" (best)" if new_best else ""))
             patience = cfg.early_stopping_patience

@@ -1,4 +1,4 @@
-"""Training metrics: progress bar, `metrics.jsonl` + `metrics.csv`, TensorBoard, loss-curve PNG, summary.
+"""Training metrics: progress bar, `metrics.jsonl` + `metrics.csv`, TensorBoard, loss-curve PNG.
 
 Every record is one JSON line (`split` is `train` or `val`); the CSV holds the same rows with fixed
 columns. On resume, rows of steps after the checkpoint (redone by the resumed run) are dropped first.
@@ -42,6 +42,33 @@ def _csv_text(records: list[dict[str, Any]]) -> str:
     for rec in records:
         writer.writerow(rec)
     return buf.getvalue()
+
+
+class ThroughputWindow:
+    """Loss and tokens/s averaged over the steps since the last metrics record."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def record(
+        self, step: int, tokens: int, elapsed_s: float, epoch: float, lr: float, grad_norm: float
+    ) -> dict[str, Any]:
+        """The `train` metrics row (`tokens`, `elapsed_s`: totals of the run so far); resets the window."""
+        row = {
+            "step": step, "split": "train", "epoch": epoch, "loss": self.loss / max(1, self.steps),
+            "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": self.tokens_per_s,
+            "elapsed_s": elapsed_s,
+        }  # fmt: skip
+        self.__init__()
+        return row
 
 
 class MetricsWriter:
@@ -136,48 +163,3 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process in MiB (see qlorakit.core.memory.peak_rss_bytes)."""
     return peak_rss_bytes() / 2**20
-
-
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def exact_match_text(hits: int, total: int) -> str:
-    """`"9/24 (37.5%)"`: the count and the share, so a small sample cannot pass for a big effect."""
-    share = 100.0 * hits / total if total else 0.0
-    return f"{hits}/{total} ({share:.1f}%)"
-
-
-def render_summary(s: dict[str, Any]) -> str:
-    """The output folder's README.md from the run summary (see recipe.run_training)."""
-    lines = [
-        f"# qlorakit run: {s['output_dir']}",
-        "",
-        f"- Base model: `{s['base_model']}` ({s['quantization']})",
-        f"- Adapter: LoRA r={s['lora_r']}, alpha={s['lora_alpha']}, {s['trainable']}",
-        f"- Data: {s['data_summary']}",
-        f"- Steps: {s['steps']} of {s['total_steps']} ({s['stop_reason']}), epochs {_fmt(s['epochs'], '.2f')}, "
-        f"world size {s['world_size']}",
-        f"- Final train loss: {_fmt(s['final_train_loss'])}; validation loss: "
-        f"{_fmt(s['val_loss_before'])} before -> {_fmt(s['val_loss_after'])} after",
-        f"- Exact match on {s['samples']} held-out examples: {exact_match_text(s['exact_before'], s['samples'])} "
-        f"before -> {exact_match_text(s['exact_after'], s['samples'])} after",
-        f"- Wall time: {s['wall_time_s']:.1f} s; training throughput {s['tokens_per_s']:.1f} tokens/s; "
-        f"peak RSS {s['peak_rss_mib']:.0f} MiB",
-        "",
-        "Files: adapter (`adapter_config.json`, `adapter_model.safetensors`, PEFT format), tokenizer files, "
-        "`config.yaml` (resolved configuration), `metrics.jsonl` / `metrics.csv`, "
-        + (f"`{s['loss_curve']}`, " if s.get("loss_curve") else "")
-        + "`checkpoints/`.",
-        "",
-        "## Held-out generations (greedy)",
-    ]
-    for g in s["generations"]:
-        lines += [
-            "",
-            f"**Prompt:** {g['prompt']!r}",
-            f"- reference: {g['reference']!r}",
-            f"- before: {g['before']!r}",
-            f"- after: {g['after']!r}",
-        ]
-    return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from qlorakit.core.errors import ConfigError
 from qlorakit.core.memory import requested_mode
 from qlorakit.loss import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, FUSED_ARCHITECTURES
 from qlorakit.models.shape import LinearShape, ModelShape, target_linears
+from qlorakit.quant.settings import blocksize_problem
 from qlorakit.tools.estimate.allocator import allocator_bytes
 from qlorakit.tools.estimate.kernel_cache import RunShapes, kernel_bytes
 
@@ -250,8 +251,9 @@ def estimate_memory(
         raise ConfigError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if batch < 1 or seq < 1 or r < 1:
         raise ConfigError(f"batch, seq and r must be positive (got batch={batch}, seq={seq}, r={r})")
-    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
-        raise ConfigError(f"blocksize {blocksize} must be a power of two in 32..4096")
+    blocksize_error = blocksize_problem(blocksize)
+    if blocksize_error is not None:
+        raise ConfigError(f"blocksize {blocksize} {blocksize_error}")
     e = dtype_bytes(compute_dtype)
     adapted = [] if method == "full" else target_linears(arch, targets)
     c: dict[str, int] = dict.fromkeys(COMPONENTS, 0)

@@ -1,0 +1,99 @@
+"""What a finished `qlorakit train` run leaves in output.dir, besides the metrics and checkpoints.
+
+The adapter in PEFT format (and the best one under `best/` when the best validation step is not the last),
+the tokenizer files, the resolved `config.yaml`, the loss curve, `summary.json` and a README. Every file
+is written atomically and listed in train's output marker (`qlorakit.outputs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from qlorakit.config import Config, config_to_dict
+from qlorakit.core.atomic import atomic_write_text, make_temp_dir
+from qlorakit.core.outputs import add_own_names
+from qlorakit.lora.peft_format import save_adapter
+from qlorakit.train import checkpoint as ckpt
+from qlorakit.train.loop import LoopState
+from qlorakit.train.metrics import CSV, JSONL, PLOT, plot_loss_curve
+from qlorakit.train.optim import trainable_named_parameters
+from qlorakit.train.report import SUMMARY, RunSummary, render_summary
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TRAIN_OUTPUTS = (
+    "adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md", SUMMARY, JSONL, CSV,
+    PLOT, "checkpoints", "best", "tensorboard",
+)  # fmt: skip
+"""What train writes into output.dir (besides the tokenizer files), recorded in its output marker."""
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> list[str]:
+    """Tokenizer files into `out`, each renamed into place (no half-written file is ever visible) and
+    listed in train's output marker; returns their names."""
+    tmp = make_temp_dir(out, "tokenizer")
+    try:
+        tokenizer.save_pretrained(tmp)
+        names = sorted(file.name for file in tmp.iterdir())
+        for file in tmp.iterdir():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    add_own_names(out, "train", names)
+    return names
+
+
+def _save_best_adapter(model: nn.Module, cfg: Config, state: LoopState, root: Path, out: Path) -> Path | None:
+    """When the best validation step is not the last one, also write its adapter to `<out>/best/`."""
+    if state.best_step is None or state.best_step == state.step:
+        return None
+    path = root / ckpt.checkpoint_name(state.best_step)
+    ckpt.verify_checkpoint(path)
+    best = load_file(path / "trainable.safetensors")
+    params = dict(trainable_named_parameters(model))
+    final = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(best[name])
+        target = save_adapter(model, out / "best", cfg.lora, base_model_name_or_path=cfg.model.name)
+        for name, p in params.items():
+            p.copy_(final[name])
+    return target
+
+
+def write_outputs(
+    cfg: Config,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    state: LoopState,
+    records: list[dict[str, Any]],
+    summary: RunSummary,
+) -> RunSummary:
+    """Adapter (PEFT format), best adapter, tokenizer, resolved config, loss curve, summary (rank 0);
+    returns the summary as written (with the loss curve's file name when one was plotted)."""
+    out = Path(cfg.output.dir)
+    save_adapter(model, out, cfg.lora, base_model_name_or_path=cfg.model.name)
+    _save_best_adapter(model, cfg, state, out / "checkpoints", out)
+    save_tokenizer(tokenizer, out)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    plotted = plot_loss_curve(records, out / PLOT) if cfg.output.plot else None
+    # the README lists only files written
+    summary = dataclasses.replace(summary, loss_curve=PLOT if plotted is not None else None)
+    summary.write(out)
+    atomic_write_text(out / "README.md", render_summary(summary))
+    return summary
+
+
+__all__ = ["TRAIN_OUTPUTS", "save_tokenizer", "write_outputs"]
