@@ -14,25 +14,18 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.atomic import is_temporary
 from qlorakit.cli import main
 from qlorakit.config import DataConfig, DatasetSpec
 from qlorakit.data import build_datasets
 from qlorakit.errors import DataError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ROWS = [
     {"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["fox", "dog", "owl"] * 4
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

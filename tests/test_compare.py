@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.cli import main
 from qlorakit.compare import (
     PLOTS,

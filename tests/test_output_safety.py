@@ -20,28 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-import _filesystems
-from _filesystems import snapshot, temporaries
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.filesystems import snapshot, temporaries
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.cli import main
 from qlorakit.outputs import own_file_command, read_marker
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-read_only_dir = _filesystems.read_only_dir  # fixtures, shared with other test modules
-small_disk = _filesystems.small_disk
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.config import LoRAConfig, QuantConfig
 from qlorakit.errors import ConfigError, ModelError
 from qlorakit.eval.generation import (
@@ -19,17 +19,9 @@ from qlorakit.eval.generation import (
     render_prompt,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 FP32 = QuantConfig(compute_dtype="float32")
 PROMPT = "What is 2 + 3?"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_adapter(model_dir, out, *, seed: int, strength: float = 0.3):

@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.errors import FormatError
 from qlorakit.export.gguf import SUPPORTED_ARCHITECTURES, export_gguf, llama3_rope_factors, permute_qk
 

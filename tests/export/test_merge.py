@@ -9,22 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import LoRAConfig, QuantConfig
 from qlorakit.errors import CheckpointError, ConfigError, FormatError
 from qlorakit.export.merge import merge_adapter, merge_lora_weight, sample_inputs
 from qlorakit.outputs import OutputError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 FP32 = QuantConfig(compute_dtype="float32")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_adapter(model_dir, out, *, seed: int, use_dora: bool = False, r: int = 4):

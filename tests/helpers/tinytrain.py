@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import TrainConfig
 from qlorakit.train.distributed import DistContext
 from qlorakit.train.loop import CheckpointPlan, LoopState, train_loop
@@ -160,7 +160,7 @@ def write_tiny_setup(root: Path, rows: int = 48, quant: bool = True) -> Path:
 
     import yaml
 
-    from conftest import make_tiny_tokenizer
+    from helpers.tiny import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     model = make_tiny_llama(vocab_size=len(tok))

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tinytrain import SINGLE, adapter_tensors, cli_command, cli_env, write_tiny_setup
 
+from helpers.tinytrain import SINGLE, adapter_tensors, cli_command, cli_env, write_tiny_setup
 from qlorakit.config import load_config, replace
 from qlorakit.data import build_datasets, collate
 from qlorakit.lora.peft_format import save_adapter

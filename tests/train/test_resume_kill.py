@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _tinytrain import cli_env, write_tiny_setup
 
+from helpers.tinytrain import cli_env, write_tiny_setup
 from qlorakit.errors import CheckpointError
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.metrics import read_records
