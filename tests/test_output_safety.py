@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
+from helpers.cli import QUIET_OUTPUT, TINY_LORA, write_jsonl, write_train_yaml
 from helpers.filesystems import snapshot, temporaries
-from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer, save_tiny_model
 from qlorakit.cli import main
 from qlorakit.outputs import own_file_command, read_marker
 
@@ -54,15 +54,12 @@ def assets(tmp_path_factory) -> Path:
     from qlorakit.lora import inject_lora, save_adapter
 
     root = tmp_path_factory.mktemp("assets")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(root / "model"))
     cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
     inject_lora(model, cfg, seed=1)
     save_adapter(model, root / "adapter", cfg, base_model_name_or_path=str(root / "model"))
     rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["fox", "dog"] * 4]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "data.jsonl", rows)
     return root
 
 
@@ -74,14 +71,16 @@ def make_sandbox(root: Path, assets: Path) -> Sandbox:
     adapter_config["base_model_name_or_path"] = str(project / "model")
     (project / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
     shutil.copy(assets / "data.jsonl", project / "data.jsonl")
-    cfg = {
-        "model": {"name": str(project / "model")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"datasets": [{"path": str(project / "data.jsonl")}], "max_length": 32, "val_ratio": 0.25},
-        "train": {"max_steps": 1, "batch_size": 2, "eval_every": 50, "save_every": 50, "num_threads": 1},
-        "output": {"dir": str(root / "unused"), "samples": 1, "plot": False, "tensorboard": False},
-    }
-    (project / "train.yaml").write_text(yaml.safe_dump(cfg))
+    write_train_yaml(
+        project / "train.yaml",
+        model=project / "model",
+        data=project / "data.jsonl",
+        out=root / "unused",
+        lora=TINY_LORA,
+        data_settings={"max_length": 32, "val_ratio": 0.25},
+        train={"max_steps": 1, "batch_size": 2, "eval_every": 50, "save_every": 50, "num_threads": 1},
+        output=QUIET_OUTPUT,
+    )
     (root / "existing_empty").mkdir()
     (root / "existing_full" / "sub").mkdir(parents=True)
     (root / "existing_full" / "notes.txt").write_text("the user's notes")

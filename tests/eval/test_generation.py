@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
-from qlorakit.config import LoRAConfig, QuantConfig
+from helpers.tiny import make_adapter, make_tiny_llama, make_tiny_tokenizer
+from qlorakit.config import QuantConfig
 from qlorakit.errors import ConfigError, ModelError
 from qlorakit.eval.generation import (
     AdapterServer,
@@ -22,22 +21,6 @@ from qlorakit.eval.generation import (
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 FP32 = QuantConfig(compute_dtype="float32")
 PROMPT = "What is 2 + 3?"
-
-
-def make_adapter(model_dir, out, *, seed: int, strength: float = 0.3):
-    """A real adapter folder with strong random weights (so generations visibly change)."""
-    from qlorakit.lora import inject_lora, lora_layers, save_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
-    inject_lora(model, cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            b = layer.lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=gen) * strength)
-    save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
-    return out
 
 
 @pytest.fixture(scope="module")

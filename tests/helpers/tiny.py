@@ -1,11 +1,14 @@
-"""Tiny real transformers models and a real tokenizer, built on the fly (no hub), and a reference path
-through bitsandbytes."""
+"""Tiny real transformers models, a real tokenizer and LoRA adapters for them, built on the fly (no hub), and
+a reference path through bitsandbytes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from qlorakit.config import LoRAConfig
+from qlorakit.lora import inject_lora, lora_layers, save_adapter
 
 
 def bnb_reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -104,3 +107,25 @@ def save_tiny_model(folder: Path, **llama: object) -> Path:
     make_tiny_llama(vocab_size=len(tokenizer), **llama).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_adapter(
+    model_dir: Path, out: Path, *, seed: int, strength: float = 0.3, r: int = 4, use_dora: bool = False
+) -> Path:
+    """A real adapter folder for the model in `model_dir`, made and saved by qlorakit, with random non-zero
+    weights: B ~ N(0, strength^2) (0.3 visibly changes generations), DoRA magnitudes scaled by 1 + N(0, 0.2^2)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoRAConfig(r=r, alpha=8.0, dropout=0.0, use_dora=use_dora)
+    inject_lora(model, cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            b = layer.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=gen) * strength)
+            if use_dora:
+                m = layer.lora_magnitude_vector["default"].weight
+                m.mul_(1 + 0.2 * torch.randn(m.shape, generator=gen))
+    save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
+    return out

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers.tinytrain import adapter_tensors, cli_env, write_tiny_setup
+from helpers.cli import adapter_tensors, cli_env, write_tiny_setup
 from qlorakit.cli import main
 from qlorakit.config import load_config
 from qlorakit.train import checkpoint as ckpt
