@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from helpers import filesystems
-from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_adapter, make_tiny_llama, make_tiny_tokenizer, save_tiny_model
 
 # Skip reasons that mean "something CI installs is missing" (importorskip says "could not import").
 _MISSING_DEPENDENCY = re.compile(r"could not import|No module named|could not be built|not installed", re.I)
@@ -85,6 +85,17 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tmp_path_factory):
+    """A folder with `base/` (a tiny Llama and its tokenizer) and two adapters for it with strong random
+    weights, `alpha/` and `beta/` (so generations visibly differ)."""
+    root = tmp_path_factory.mktemp("adapters")
+    save_tiny_model(root / "base")
+    make_adapter(root / "base", root / "alpha", seed=1)
+    make_adapter(root / "base", root / "beta", seed=2)
+    return root
 
 
 @pytest.fixture(scope="module")
