@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.cli import main
 
 

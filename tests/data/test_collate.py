@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.core.errors import DataError
 from qlorakit.data import IGNORE_INDEX, Example, block_causal_mask, collate, pack_examples, render_record
 from qlorakit.data.collate import segment_ids

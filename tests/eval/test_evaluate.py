@@ -13,21 +13,13 @@ from qlorakit.core.errors import ConfigError, DataError
 from qlorakit.eval.evaluate import evaluate, response_loss
 from qlorakit.loss import next_token_nll
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 ROWS = [
     {"instruction": "Reverse the word.", "input": "hello", "output": "olleh"},
     {"instruction": "What is 2 + 3?", "input": "", "output": "It is 5."},
     {"instruction": "Say hello.", "input": "", "output": "Hello, how are you?"},
     {"instruction": "Reverse the word.", "input": "fox", "output": "xof"},
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

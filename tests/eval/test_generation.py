@@ -1,57 +1,15 @@
-"""Generation helpers and the multi-adapter server, on a real tiny Llama with real adapters."""
+"""Generation helpers on a real tiny Llama: greedy and sampled decoding, streaming, prompt rendering."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
-from qlorakit.config import LoRAConfig, QuantConfig
-from qlorakit.core.errors import ConfigError, ModelError
+from qlorakit.core.errors import ConfigError
 from qlorakit.eval.generation import GenerationSettings, generate_ids, generate_text, render_prompt
-from qlorakit.eval.serving import AdapterServer
-from qlorakit.models.load import load_base, parse_adapter_specs
 
-FP32 = QuantConfig(compute_dtype="float32")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 PROMPT = "What is 2 + 3?"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_adapter(model_dir, out, *, seed: int, strength: float = 0.3):
-    """A real adapter folder with strong random weights (so generations visibly change)."""
-    from qlorakit.lora import inject_lora, lora_layers, save_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
-    inject_lora(model, cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            b = layer.lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=gen) * strength)
-    save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
-    return out
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    tokenizer = make_tiny_tokenizer()
-    model = make_tiny_llama(vocab_size=len(tokenizer))
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    make_adapter(root / "base", root / "alpha", seed=1)
-    make_adapter(root / "base", root / "beta", seed=2)
-    return root
 
 
 def manual_greedy(model, ids: list[int], steps: int, eos: int) -> list[int]:
@@ -129,76 +87,3 @@ def test_settings_validation():
         GenerationSettings(top_p=0)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0)
-
-
-def test_parse_adapter_specs(setup):
-    specs = parse_adapter_specs([str(setup / "alpha"), f"b={setup / 'beta'}"])
-    assert specs == {"alpha": setup / "alpha", "b": setup / "beta"}
-    with pytest.raises(ConfigError, match="given twice"):
-        parse_adapter_specs([str(setup / "alpha"), f"alpha={setup / 'beta'}"])
-    with pytest.raises(ConfigError, match="adapter_config.json"):
-        parse_adapter_specs([str(setup / "missing")])
-
-
-@pytest.mark.parametrize("four_bit", [True, False])
-def test_server_matches_single_adapter_models(setup, four_bit):
-    settings = GenerationSettings(max_new_tokens=16)
-    server = AdapterServer(
-        setup / "base", {"alpha": setup / "alpha", "beta": setup / "beta"}, four_bit=four_bit, quant=FP32
-    )
-    ids = torch.tensor([render_prompt(PROMPT, server.tokenizer)])
-    outputs = {}
-    for name in ("alpha", "beta", None, "alpha"):  # switch back and forth: nothing sticks
-        with server.using(name) as model, torch.no_grad():
-            logits = model(input_ids=ids).logits
-        single, tokenizer = load_base(setup / "base", four_bit=four_bit, quant=FP32)
-        if name is not None:
-            from qlorakit.lora import load_adapter
-
-            load_adapter(single, setup / name)
-        with torch.no_grad():
-            torch.testing.assert_close(logits, single(input_ids=ids).logits, rtol=0, atol=1e-6)
-        text = server.generate(PROMPT, name, settings)
-        assert text == generate_text(single, tokenizer, PROMPT, settings)
-        outputs[name] = text
-    assert len({outputs["alpha"], outputs["beta"], outputs[None]}) == 3  # the adapters matter
-    with pytest.raises(ModelError, match="no adapter named 'gamma'"):
-        server.generate(PROMPT, "gamma", settings)
-    with pytest.raises(ConfigError, match="already loaded"):
-        server.add_adapter("alpha", setup / "beta")
-
-
-def test_server_on_a_loaded_model_needs_a_tokenizer(tiny_llama, tiny_tokenizer):
-    with pytest.raises(ConfigError, match="tokenizer"):
-        AdapterServer(tiny_llama)
-    server = AdapterServer(tiny_llama, tokenizer=tiny_tokenizer)
-    assert server.adapter_names == []
-    assert server.generate(PROMPT, settings=GenerationSettings(max_new_tokens=8)) == generate_text(
-        tiny_llama, tiny_tokenizer, PROMPT, GenerationSettings(max_new_tokens=8)
-    )
-
-
-def test_base_is_built_with_the_quant_settings_saved_by_training(setup, tmp_path):
-    """`qlorakit train` saves config.yaml beside the adapter; the 4-bit base is rebuilt the same way."""
-    import shutil
-
-    from qlorakit.models.load import adapter_quant_config
-    from qlorakit.quant.linear import Linear4bit
-
-    adapter = tmp_path / "alpha128"
-    shutil.copytree(setup / "alpha", adapter)
-    assert adapter_quant_config(adapter) is None
-    (adapter / "config.yaml").write_text(
-        "quant:\n  blocksize: 128\n  double_quant: false\n  compute_dtype: float32\n"
-    )
-    quant = adapter_quant_config(adapter)
-    assert (quant.blocksize, quant.double_quant, quant.compute_dtype) == (128, False, "float32")
-    server = AdapterServer(setup / "base", {"a": adapter})
-    layers = [m for m in server.model.modules() if isinstance(m, Linear4bit)]
-    assert layers and all(m.quant_state.blocksize == 128 and m.quant_state.nested is None for m in layers)
-    with pytest.warns(UserWarning, match=r"\['a'\] were trained against a 4-bit base built with other"):
-        mixed = AdapterServer(setup / "base", {"plain": setup / "alpha", "a": adapter}, quant=None)
-    assert all(m.quant_state.blocksize == 64 for m in mixed.model.modules() if isinstance(m, Linear4bit))
-    (adapter / "config.yaml").write_text("quant:\n  blocksize: 100\n")
-    with pytest.raises(ConfigError, match="blocksize"):
-        adapter_quant_config(adapter)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer
 from qlorakit.core.errors import ConfigError
 from qlorakit.eval.generation import GenerationSettings, generate_ids, render_prompt
 from qlorakit.models.decode import generate_greedy_batch

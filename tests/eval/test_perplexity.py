@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.core.errors import ConfigError, DataError
 from qlorakit.eval.perplexity import builtin_eval_text, perplexity, plan_windows
 

@@ -8,19 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
-from qlorakit.core.dtypes import parse_dtype, parse_size
+from helpers.tiny import make_tiny_llama
 from qlorakit.core.errors import ConfigError
-from qlorakit.export.hf import ShardWriter, export_hf, write_hf_files
+from qlorakit.export.hf import ShardWriter, export_hf, parse_dtype, parse_size, write_hf_files
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _logits(model, ids):

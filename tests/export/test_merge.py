@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -9,42 +10,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
-from qlorakit.config import LoRAConfig, QuantConfig
+from helpers.tiny import make_adapter as _make_adapter
+from helpers.tiny import make_tiny_llama
+from qlorakit.config import QuantConfig
 from qlorakit.core.errors import CheckpointError, ConfigError, FormatError
 from qlorakit.core.outputs import OutputError
-from qlorakit.export.merge import merge_adapter, sample_inputs
-from qlorakit.lora.layer import merge_lora_weight
+from qlorakit.export.merge import merge_adapter, merge_lora_weight, sample_inputs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 FP32 = QuantConfig(compute_dtype="float32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_adapter(model_dir, out, *, seed: int, use_dora: bool = False, r: int = 4):
-    """A real adapter folder with non-zero (random) weights, made and saved by qlorakit."""
-    from qlorakit.lora import inject_lora, lora_layers, save_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoRAConfig(r=r, alpha=8.0, dropout=0.0, use_dora=use_dora)
-    inject_lora(model, cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            b = layer.lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-            if use_dora:
-                m = layer.lora_magnitude_vector["default"].weight
-                m.mul_(1 + 0.2 * torch.randn(m.shape, generator=gen))
-    save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
-    return out
+make_adapter = functools.partial(_make_adapter, strength=0.05)  # this file's adapters: B ~ N(0, 0.05^2)
 
 
 def adapted_logits(model_dir, adapter_dir, ids, *, four_bit: bool):

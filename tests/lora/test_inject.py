@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import LoRAConfig
 from qlorakit.core.errors import ConfigError, ModelError
 from qlorakit.lora import (

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import LoRAConfig
 from qlorakit.core.errors import CheckpointError, ConfigError, FormatError, ModelError
 from qlorakit.lora import inject_lora, load_adapter, lora_layers, read_adapter_config, save_adapter

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from conftest import bnb_reference_logits, make_tiny_llama
+from helpers.tiny import bnb_reference_logits, make_tiny_llama
 from qlorakit.config import LoRAConfig
 from qlorakit.lora import (
     ModulesToSaveWrapper,

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import bnb_reference_logits, make_tiny_llama
+from helpers.tiny import bnb_reference_logits, make_tiny_llama
 from qlorakit.core.errors import CheckpointError, QuantizationError
 from qlorakit.quant.blockwise import dequantize_4bit, quantize_4bit
 from qlorakit.quant.convert import (
@@ -334,7 +334,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, resource, sys, threading, time
     sys.path.insert(0, sys.argv[1])
     import psutil, torch
-    from conftest import make_tiny_llama
+    from helpers.tiny import make_tiny_llama
     from qlorakit.quant.convert import quantize_model
 
     # warm-up on a tiny model: lazy imports and the compiled CPU kernels are loaded outside the measurement

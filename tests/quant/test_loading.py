@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import QuantConfig
 from qlorakit.core.errors import QuantizationError
 from qlorakit.models.resolve import load_model

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from _tinytrain import SINGLE, run_tiny, tiny_lora_model, trainable_state
 
+from helpers.tinytrain import SINGLE, run_tiny, tiny_lora_model, trainable_state
 from qlorakit.config import TrainConfig
 from qlorakit.core.errors import CheckpointError
 from qlorakit.train import checkpoint as ckpt

@@ -20,6 +20,7 @@ Resume works at the same world size and is refused at another.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tinytrain import SINGLE, adapter_tensors, cli_command, cli_env, write_tiny_setup
 
+from helpers.cli import adapter_tensors, cli_command, run_all, write_tiny_setup
+from helpers.tinytrain import SINGLE
 from qlorakit.config import load_config, replace
 from qlorakit.data import build_datasets, collate
 from qlorakit.lora.peft_format import save_adapter
@@ -54,17 +56,8 @@ def _torchrun_cmd(config: Path, *args: str) -> list[str]:
     return cmd + cli_command(config, *args)[1:]  # `-m qlorakit train CONFIG ...`
 
 
-def _run_all(*cmds: list[str]) -> list[subprocess.CompletedProcess]:
-    """Run the commands at the same time (each single process uses one thread; torchrun runs go alone)."""
-    procs = [
-        subprocess.Popen(c, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for c in cmds
-    ]
-    done = []
-    for cmd, proc in zip(cmds, procs, strict=True):
-        out, err = proc.communicate(timeout=TIMEOUT)
-        done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
-    return done
+# Run the commands at the same time (each single process uses one thread; torchrun runs go alone).
+_run_all = functools.partial(run_all, timeout=TIMEOUT)
 
 
 def _ok(*procs: subprocess.CompletedProcess) -> None:

@@ -6,9 +6,9 @@ import signal
 
 import pytest
 import torch
-from _tinytrain import collate, make_examples, run_tiny, tiny_lora_model, trainable_state
 from safetensors.torch import load_file
 
+from helpers.tinytrain import collate, make_examples, run_tiny, tiny_lora_model, trainable_state
 from qlorakit.config import TrainConfig
 from qlorakit.loss import token_loss_sum
 from qlorakit.train import checkpoint as ckpt

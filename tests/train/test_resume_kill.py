@@ -17,6 +17,7 @@ CPU's bf16 detection (`QLORAKIT_CPU_BF16` or the CPU flags).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -27,8 +28,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _tinytrain import cli_env, write_tiny_setup
 
+from helpers.cli import run_all, write_tiny_setup
 from qlorakit.core.errors import CheckpointError
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.metrics import read_records
@@ -83,17 +84,8 @@ def _command(config: Path, out: Path, fault: str, *args: str) -> list[str]:
     return [*driver, "train", str(config), *SETTINGS, f"--output.dir={out}", *args]
 
 
-def _run_all(*cmds: list[str]) -> list[subprocess.CompletedProcess]:
-    """Run the commands at the same time (one thread each) and wait for all of them."""
-    procs = [
-        subprocess.Popen(c, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for c in cmds
-    ]
-    done = []
-    for cmd, proc in zip(cmds, procs, strict=True):
-        out, err = proc.communicate(timeout=TIMEOUT)
-        done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
-    return done
+# Run the commands at the same time (one thread each) and wait for all of them.
+_run_all = functools.partial(run_all, timeout=TIMEOUT)
 
 
 def _trained_steps(proc: subprocess.CompletedProcess) -> list[int]:

@@ -4,9 +4,11 @@ and snapshots of every file's bytes, to prove that a command changed nothing it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,11 @@ def _mount_tmpfs(root: Path, options: str) -> bool:
     return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def read_only_dir(tmp_path_factory):
-    """A folder nobody can write in, even root: a read-only tmpfs mount, else an immutable folder (chattr
-    +i), else (not root) chmod 555. Root writes through permission bits, so chmod alone proves nothing."""
-    root = tmp_path_factory.mktemp("read-only")
+@contextlib.contextmanager
+def read_only(root: Path) -> Iterator[Path]:
+    """Make the empty folder `root` one nobody can write in, even root: a read-only tmpfs mount, else an
+    immutable folder (chattr +i), else (not root) chmod 555. Root writes through permission bits, so chmod
+    alone proves nothing; skips the test where none of these is possible."""
     if os.geteuid() != 0:
         root.chmod(0o555)
         yield root
@@ -40,15 +42,16 @@ def read_only_dir(tmp_path_factory):
         pytest.skip("root without mount or chattr privileges: no folder here is read-only to root")
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """Mount a tmpfs of a chosen size (root only: an unprivileged user cannot make a full disk)."""
+@contextlib.contextmanager
+def small_disks(parent: Path) -> Iterator[Callable[[int], Path]]:
+    """A maker of tmpfs mounts of a chosen size under `parent` (root only: an unprivileged user cannot make
+    a full disk), all unmounted on exit; the maker skips the test where mounting is not possible."""
     mounted = []
 
     def make(size: int) -> Path:
         if os.geteuid() != 0:
             pytest.skip("a small file system needs a tmpfs mount, which needs root")
-        root = tmp_path / f"disk{len(mounted)}"
+        root = parent / f"disk{len(mounted)}"
         root.mkdir()
         if not _mount_tmpfs(root, f"size={size}"):
             pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")

@@ -1,7 +1,8 @@
-"""Shared pieces for the loop/checkpoint tests: a tiny real Llama with LoRA-style trainable factors.
+"""Shared pieces for the loop/checkpoint tests: a tiny real Llama with qlorakit's `LoRALinear` on a few
+layers, a learnable token task and the training loop run on them without the CLI.
 
-These tests exercise the training machinery on its own; the end-to-end CLI test uses the real
-qlorakit quantization, LoRA injection and data pipeline.
+These tests exercise the training machinery on its own; the end-to-end CLI tests (helpers.cli) use the
+real qlorakit quantization, LoRA injection and data pipeline.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import TrainConfig
+from qlorakit.lora.layer import LoRALinear
 from qlorakit.train.distributed import DistContext
 from qlorakit.train.loop import CheckpointPlan, LoopState, train_loop
 from qlorakit.train.metrics import MetricsWriter
@@ -27,35 +29,27 @@ class Ex:
     source: str = "test"
 
 
-class FactorLinear(nn.Module):
-    """base(x) + B(A(dropout(x))) with frozen base, like LoRA (keeps PEFT's `lora_A`/`lora_B` names)."""
-
-    def __init__(self, base: nn.Linear, r: int, dropout: float, seed: int) -> None:
-        super().__init__()
-        self.base_layer = base
-        gen = torch.Generator().manual_seed(seed)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False)
-        with torch.no_grad():
-            self.lora_A.weight.copy_(torch.randn(r, base.in_features, generator=gen) * 0.1)
-            self.lora_B.weight.zero_()
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.drop(x)))
+def _lora(base: nn.Linear, r: int, dropout: float, seed: int) -> LoRALinear:
+    """qlorakit's `LoRALinear` with scaling 1 (alpha = r), A ~ N(0, 0.1^2) drawn from `seed`, B = 0."""
+    layer = LoRALinear(base, r=r, alpha=float(r), dropout=dropout, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.randn(r, base.in_features, generator=gen) * 0.1)
+    return layer
 
 
 def tiny_lora_model(dropout: float = 0.1, r: int = 4, seed: int = 0) -> nn.Module:
+    """A tiny Llama, frozen, with LoRA on q/v/down projections and on the head."""
     model = make_tiny_llama(seed=seed)
     for p in model.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        attn.q_proj = FactorLinear(attn.q_proj, r, dropout, seed + 10 * i)
-        attn.v_proj = FactorLinear(attn.v_proj, r, dropout, seed + 10 * i + 1)
-        layer.mlp.down_proj = FactorLinear(layer.mlp.down_proj, r, dropout, seed + 10 * i + 2)
+        attn.q_proj = _lora(attn.q_proj, r, dropout, seed + 10 * i)
+        attn.v_proj = _lora(attn.v_proj, r, dropout, seed + 10 * i + 1)
+        layer.mlp.down_proj = _lora(layer.mlp.down_proj, r, dropout, seed + 10 * i + 2)
     # The random head's logits are tiny (std-0.02 weights); adapting it lets the loss actually fall.
-    model.lm_head = FactorLinear(model.lm_head, r, dropout, seed + 99)
+    model.lm_head = _lora(model.lm_head, r, dropout, seed + 99)
     model.config.use_cache = False
     return model
 
@@ -145,71 +139,3 @@ def _run_tiny(out, cfg, train, val, model, state, optimizer, collate_fn, reseed)
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainable_named_parameters(model)}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# End-to-end (CLI) helpers: a tiny Hugging Face folder, a tiny Alpaca file, a config, a subprocess runner.
-
-WORDS = ["hello", "fox", "dog", "brown", "quick", "lazy", "over", "jumps"]
-
-
-def write_tiny_setup(root: Path, rows: int = 48, quant: bool = True) -> Path:
-    """`root/model` (tiny Llama + tokenizer), `root/alpaca.json`, `root/train.yaml`; returns the YAML."""
-    import json
-    import random
-
-    import yaml
-
-    from conftest import make_tiny_tokenizer
-
-    tok = make_tiny_tokenizer()
-    model = make_tiny_llama(vocab_size=len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = random.Random(0)
-    data = []
-    for _ in range(rows):
-        word = rng.choice(WORDS)
-        data.append({"instruction": "Reverse the word.", "input": word, "output": word[::-1]})
-    (root / "alpaca.json").write_text(json.dumps(data))
-    cfg = {
-        "model": {"name": str(root / "model")},
-        "quant": {"enabled": quant},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
-        "data": {"datasets": [{"path": str(root / "alpaca.json")}], "max_length": 64, "val_ratio": 0.1},
-        "train": {
-            "max_steps": 12,
-            "batch_size": 4,
-            "lr": 5e-3,
-            "eval_every": 4,
-            "save_every": 4,
-            "keep_last": 10,
-            "num_threads": 1,
-            "seed": 7,
-        },
-        "output": {"dir": str(root / "out"), "samples": 2},
-    }
-    (root / "train.yaml").write_text(yaml.safe_dump(cfg))
-    return root / "train.yaml"
-
-
-def cli_env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
-    )
-    return env
-
-
-def cli_command(config: Path, *args: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "qlorakit", "train", str(config), *args]
-
-
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "adapter_model.safetensors")

@@ -20,28 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-import _filesystems
-from _filesystems import snapshot, temporaries
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.cli import QUIET_OUTPUT, TINY_LORA, write_jsonl, write_train_yaml
+from helpers.filesystems import snapshot, temporaries
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer, save_tiny_model
 from qlorakit.cli import main
 from qlorakit.core.outputs import own_file_command, read_marker
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-read_only_dir = _filesystems.read_only_dir  # fixtures, shared with other test modules
-small_disk = _filesystems.small_disk
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,15 +54,12 @@ def assets(tmp_path_factory) -> Path:
     from qlorakit.lora import inject_lora, save_adapter
 
     root = tmp_path_factory.mktemp("assets")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(root / "model"))
     cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
     inject_lora(model, cfg, seed=1)
     save_adapter(model, root / "adapter", cfg, base_model_name_or_path=str(root / "model"))
     rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["fox", "dog"] * 4]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "data.jsonl", rows)
     return root
 
 
@@ -87,14 +71,16 @@ def make_sandbox(root: Path, assets: Path) -> Sandbox:
     adapter_config["base_model_name_or_path"] = str(project / "model")
     (project / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
     shutil.copy(assets / "data.jsonl", project / "data.jsonl")
-    cfg = {
-        "model": {"name": str(project / "model")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"datasets": [{"path": str(project / "data.jsonl")}], "max_length": 32, "val_ratio": 0.25},
-        "train": {"max_steps": 1, "batch_size": 2, "eval_every": 50, "save_every": 50, "num_threads": 1},
-        "output": {"dir": str(root / "unused"), "samples": 1, "plot": False, "tensorboard": False},
-    }
-    (project / "train.yaml").write_text(yaml.safe_dump(cfg))
+    write_train_yaml(
+        project / "train.yaml",
+        model=project / "model",
+        data=project / "data.jsonl",
+        out=root / "unused",
+        lora=TINY_LORA,
+        data_settings={"max_length": 32, "val_ratio": 0.25},
+        train={"max_steps": 1, "batch_size": 2, "eval_every": 50, "save_every": 50, "num_threads": 1},
+        output=QUIET_OUTPUT,
+    )
     (root / "existing_empty").mkdir()
     (root / "existing_full" / "sub").mkdir(parents=True)
     (root / "existing_full" / "notes.txt").write_text("the user's notes")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _tinytrain import adapter_tensors, cli_env, write_tiny_setup
 
+from helpers.cli import adapter_tensors, cli_env, write_tiny_setup
 from qlorakit.cli import main
 from qlorakit.config import load_config
 from qlorakit.train import checkpoint as ckpt

@@ -14,43 +14,35 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.cli import QUIET_OUTPUT, TINY_LORA, write_jsonl, write_train_yaml
+from helpers.tiny import make_tiny_llama, make_tiny_tokenizer, save_tiny_model
 from qlorakit.cli import main
 from qlorakit.config import DataConfig, DatasetSpec
 from qlorakit.core.atomic import is_temporary
 from qlorakit.core.errors import DataError
 from qlorakit.data import build_datasets
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 ROWS = [
     {"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["fox", "dog", "owl"] * 4
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
     """`model/` (tiny Llama + tokenizer), `data.jsonl` and `train.yaml` (2 steps, checkpoint every step)."""
     root = tmp_path_factory.mktemp("bad")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    cfg = {
-        "model": {"name": str(root / "model")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"datasets": [{"path": str(root / "data.jsonl")}], "max_length": 32, "val_ratio": 0.25},
-        "train": {"max_steps": 2, "batch_size": 2, "eval_every": 50, "save_every": 1, "num_threads": 1},
-        "output": {"dir": str(root / "unused"), "samples": 1, "plot": False, "tensorboard": False},
-    }
-    (root / "train.yaml").write_text(yaml.safe_dump(cfg))
+    write_train_yaml(
+        root / "train.yaml",
+        model=save_tiny_model(root / "model"),
+        data=write_jsonl(root / "data.jsonl", ROWS),
+        out=root / "unused",
+        lora=TINY_LORA,
+        data_settings={"max_length": 32, "val_ratio": 0.25},
+        train={"max_steps": 2, "batch_size": 2, "eval_every": 50, "save_every": 1, "num_threads": 1},
+        output=QUIET_OUTPUT,
+    )
     return root
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.cli import main
 from qlorakit.eval.perplexity import builtin_eval_text, perplexity
 from qlorakit.models.resolve import load_model

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import LoRAConfig
 from qlorakit.core.errors import DataError
 from qlorakit.data.collate import collate, pack_examples

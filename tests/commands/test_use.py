@@ -13,36 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.tiny import make_adapter, make_tiny_llama, make_tiny_tokenizer
 from qlorakit.cli import main
-from qlorakit.config import LoRAConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 PROMPT = "What is 2 + 3?"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_adapter(model_dir: Path, out: Path, *, seed: int) -> Path:
-    from qlorakit.lora import inject_lora, lora_layers, save_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0)
-    inject_lora(model, cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            b = layer.lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
-    save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-import _filesystems
-from _filesystems import temporaries
+from helpers.filesystems import temporaries
 from qlorakit.core.atomic import make_temp_dir
 from qlorakit.core.outputs import (
     MARKER,
@@ -25,8 +24,6 @@ from qlorakit.core.outputs import (
 )
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-read_only_dir = _filesystems.read_only_dir  # fixtures, shared with other test modules
-small_disk = _filesystems.small_disk
 
 
 def test_new_empty_and_own_folders_are_written_foreign_ones_refused(tmp_path):

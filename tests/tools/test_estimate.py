@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.config import Config, load_config
 from qlorakit.core.dtypes import format_bytes, parse_size
 from qlorakit.core.errors import ConfigError
@@ -591,7 +591,7 @@ def _unseen_run(tmp_path) -> tuple:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import make_tiny_tokenizer
+    from helpers.tiny import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer(vocab_size=UNSEEN_SHAPE["vocab_size"])
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from helpers.tiny import make_tiny_llama
 from qlorakit.core.errors import ModelError
 from qlorakit.models import resolve as models
 from qlorakit.models.resolve import (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import re
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from helpers.cli import TINY_LORA, reverse_word_rows, write_train_yaml
+from helpers.tiny import make_tiny_llama, save_tiny_model
 from qlorakit.cli import main
 from qlorakit.core.errors import CheckpointError
 from qlorakit.core.outputs import write_marker
@@ -254,21 +254,17 @@ def test_unfinished_run_folder_is_named(tmp_path):
 
 def _tiny_setup(root, rows: int = 40):
     """A tiny Llama folder + tokenizer, a tiny Alpaca file and a YAML config pointing at them."""
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = random.Random(0)
-    words = ["hello", "fox", "dog", "brown", "quick", "lazy"]
-    data = [
-        {"instruction": "Reverse the word.", "input": w, "output": w[::-1]}
-        for w in (rng.choice(words) for _ in range(rows))
-    ]
-    (root / "alpaca.json").write_text(json.dumps(data))
-    cfg = {
-        "model": {"name": str(root / "model")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"datasets": [{"path": str(root / "alpaca.json")}], "max_length": 48, "val_ratio": 0.2},
-        "train": {
+    save_tiny_model(root / "model")
+    rows = reverse_word_rows(rows, words=["hello", "fox", "dog", "brown", "quick", "lazy"])
+    (root / "alpaca.json").write_text(json.dumps(rows))
+    return write_train_yaml(
+        root / "train.yaml",
+        model=root / "model",
+        data=root / "alpaca.json",
+        out=root / "unused",
+        lora=TINY_LORA,
+        data_settings={"max_length": 48, "val_ratio": 0.2},
+        train={
             "max_steps": 20,
             "batch_size": 4,
             "lr": 1e-2,
@@ -277,10 +273,8 @@ def _tiny_setup(root, rows: int = 40):
             "num_threads": 1,
             "seed": 3,
         },
-        "output": {"dir": str(root / "unused"), "samples": 2, "tensorboard": False},
-    }
-    (root / "train.yaml").write_text(yaml.safe_dump(cfg))
-    return root / "train.yaml"
+        output={"samples": 2, "tensorboard": False},
+    )
 
 
 def test_cli_rejects_clashing_overrides_and_existing_runs(tmp_path, capsys):
