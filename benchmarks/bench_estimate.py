@@ -85,7 +85,9 @@ def smollm2_tokenizer():
 
     from qlorakit.models.resolve import builtin_model_path, convert_gguf
 
-    return AutoTokenizer.from_pretrained(str(convert_gguf(builtin_model_path("smollm2-135m"), name="smollm2-135m")))
+    return AutoTokenizer.from_pretrained(
+        str(convert_gguf(builtin_model_path("smollm2-135m"), name="smollm2-135m"))
+    )
 
 
 def make_model_dir(root: Path, name: str, tokenizer) -> Path:

@@ -27,8 +27,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # as the `commands` unit (the command line is one room: the entry point and one module per command).
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("core",),
+    ("quant",),  # below config: config turns its QuantConfig into quant's own QuantSettings
     ("config",),
-    ("quant",),
     ("lora",),
     ("models", "data"),
     ("loss",),
@@ -39,7 +39,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 # Units that may import less than everything below them.
 ONLY: dict[str, frozenset[str]] = {
     "quant": frozenset({"core"}),  # the 4-bit maths knows nothing of the application's config or LoRA
-    "data": frozenset({"core", "config"}),  # beside quant/lora/models: rows and tokens, no model code
+    "data": frozenset({"core", "config"}),  # beside lora/models: rows and tokens, no model code
 }
 _ALIASES = {"cli": "commands", "__main__": "commands", "": "core"}  # "": the package root (its version)
 # The one place a qlorakit import may be deferred: cli.py imports the module of the command being run.

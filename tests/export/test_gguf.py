@@ -14,7 +14,8 @@ from gguf.quants import dequantize
 
 from helpers.tiny import make_tiny_llama
 from qlorakit.core.errors import FormatError
-from qlorakit.export.gguf import SUPPORTED_ARCHITECTURES, export_gguf, llama3_rope_factors, permute_qk
+from qlorakit.export.gguf import SUPPORTED_ARCHITECTURES, export_gguf
+from qlorakit.export.gguf_tensors import llama3_rope_factors, permute_qk
 
 TEXT = "Hello, how are you? The quick brown fox jumps over the lazy dog. 0123 <|im_start|>user\nhi<|im_end|>"
 # max |logit difference| / max |logit| allowed per dtype: f32 is bit-exact; f16 and bf16 round each

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers.tiny import make_tiny_llama
+from qlorakit.core.dtypes import parse_dtype, parse_size
 from qlorakit.core.errors import ConfigError
-from qlorakit.export.hf import ShardWriter, export_hf, parse_dtype, parse_size, write_hf_files
+from qlorakit.export.hf import ShardWriter, export_hf, write_hf_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 

@@ -15,7 +15,8 @@ from helpers.tiny import make_tiny_llama
 from qlorakit.config import QuantConfig
 from qlorakit.core.errors import CheckpointError, ConfigError, FormatError
 from qlorakit.core.outputs import OutputError
-from qlorakit.export.merge import merge_adapter, merge_lora_weight, sample_inputs
+from qlorakit.export.merge import merge_adapter, sample_inputs
+from qlorakit.lora.layer import merge_lora_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 FP32 = QuantConfig(compute_dtype="float32")

@@ -27,6 +27,7 @@ from qlorakit.tools.estimate.advice import Advice, RunSettings, advise
 from qlorakit.tools.estimate.kernel_cache import RunShapes
 from qlorakit.tools.estimate.memory import METHODS, MemoryEstimate
 from qlorakit.tools.estimate.run_shapes import load_tokenizer, run_shapes
+from qlorakit.train.samples import SAMPLE_BATCH
 
 _ROWS = (
     ("weights", "Weights"),
@@ -172,8 +173,6 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, Model
 
 def _shapes(cfg: Config, source: str, notes: list[str]) -> RunShapes | None:
     """The run's batch shapes replayed from its data; None (with a note) when the tokenizer is missing."""
-    from qlorakit.train.samples import SAMPLE_BATCH
-
     try:
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     except ModelError as exc:

@@ -79,7 +79,11 @@ def response_loss(
 
 
 def predict(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], template: str, settings: GenerationSettings
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    template: str,
+    settings: GenerationSettings,
 ) -> list[str]:
     """Greedy completions of each record's prompt (its conversation without the final answer)."""
     out = []

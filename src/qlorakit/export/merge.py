@@ -194,7 +194,6 @@ def _requantize(dense_dir: Path, out_dir: Path, tokenizer: Any, quant: QuantConf
     """Load the merged fp32 folder, quantize it to 4 bits in place and save it as a 4-bit folder."""
     from transformers import AutoModelForCausalLM
 
-
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
     merged = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     quantize_model(merged, quant.to_settings(compute_dtype))

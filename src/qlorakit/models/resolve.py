@@ -31,8 +31,9 @@ from qlorakit.config import QuantConfig
 from qlorakit.core.atomic import atomic_directory, atomic_write_json
 from qlorakit.core.errors import CheckpointError, ModelError
 from qlorakit.core.paths import cache_root
+from qlorakit.quant.convert import quantize_model
 from qlorakit.quant.linear import default_compute_dtype
-from qlorakit.quant.loading import check_checkpoint_shapes, load_quantized
+from qlorakit.quant.loading import check_checkpoint_shapes, load_quantized, load_quantizing
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -249,8 +250,6 @@ def _load_full_precision(
     stream = quantize is not None and not trust_remote_code and _has_safetensors(folder)
     try:
         if stream:
-            from qlorakit.quant.loading import load_quantizing
-
             # None: the keys need transformers' loading
             model = load_quantizing(folder, quantize.to_settings(dtype))
             if model is not None:
@@ -267,8 +266,6 @@ def _load_full_precision(
     except (ValueError, OSError) as exc:
         raise ModelError(f"cannot load the model in {folder}: {exc}") from exc
     if quantize is not None:
-        from qlorakit.quant.convert import quantize_model
-
         quantize_model(model, quantize.to_settings(dtype))  # type: ignore[arg-type]
     return model
 
