@@ -11,16 +11,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from qlorakit.commands.options import add_override_command, add_overwrite_option
 from qlorakit.tools.compare_runs import compare_runs
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_override_command(
+        subparsers,
         "compare",
         usage="qlorakit compare [-h] [--out DIR] [--report-only] [--overwrite] CONFIG.yaml [--section.key=value ...]",
         help="train 16-bit LoRA and QLoRA on the same config and report memory, speed and loss",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        run=run,
     )
     parser.add_argument("config", help="a YAML config file (as for qlorakit train)")
     parser.add_argument(
@@ -31,13 +33,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="do not train: rebuild the report from the runs already in --out",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into an --out folder that holds files qlorakit compare did not write "
-        "(never one holding the config, the model or the data)",
+    add_overwrite_option(
+        parser,
+        "qlorakit compare",
+        "never one holding the config, the model or the data",
+        into="an --out folder",
     )
-    parser.set_defaults(func=run, overrides=[])
 
 
 def run(args: argparse.Namespace) -> int:

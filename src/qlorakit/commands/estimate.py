@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from qlorakit.commands.options import add_override_command
 from qlorakit.config import Config, config_from_dict, load_config
 from qlorakit.core.dtypes import dtype_name, format_bytes, parse_size
 from qlorakit.core.errors import ConfigError, ModelError
@@ -47,12 +48,13 @@ _UNMODELED = ("rank_pattern", "layers_to_transform", "exclude_modules", "modules
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_override_command(
+        subparsers,
         "estimate",
         usage="qlorakit estimate [-h] [options] MODEL_OR_CONFIG [--section.key=value ...]",
         help="estimate the memory a fine-tuning run needs (no weights loaded)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        run=run,
     )
     p.add_argument(
         "model",
@@ -76,11 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="LoRA targets: all-linear or comma-separated module names (default: lora.target_modules)",
     )
-    p.add_argument(
-        "--grad-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="recompute layer activations (default: train.gradient_checkpointing)",
+    _add_switch(
+        p, "--grad-checkpointing", "recompute layer activations (default: train.gradient_checkpointing)"
     )
     p.add_argument(
         "--dtype",
@@ -92,12 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--optimizer", choices=("adamw", "adamw_8bit", "sgd"), default=None, help="default: train.optim"
     )
     p.add_argument("--blocksize", type=int, default=None, help="4-bit block size (default: quant.blocksize)")
-    p.add_argument(
-        "--double-quant",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="nested absmax quantization (default: quant.double_quant)",
-    )
+    _add_switch(p, "--double-quant", "nested absmax quantization (default: quant.double_quant)")
     p.add_argument(
         "--no-data",
         dest="data",
@@ -107,7 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--budget", default=None, help="memory budget such as 8GiB: advise the largest batch / seq that fit"
     )
-    p.set_defaults(func=run, overrides=[])
+
+
+def _add_switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """`--flag` / `--no-flag`; given neither, None keeps the config's value."""
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
 def _check_options(args: argparse.Namespace) -> tuple[int | None, list[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from qlorakit.commands.options import add_16bit_option, add_overwrite_option
 from qlorakit.eval.evaluate import evaluate
 
 
@@ -27,18 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compare-base", action="store_true", help="also score the base model (adapters off, no reload)"
     )
-    parser.add_argument(
-        "--16bit",
-        dest="sixteen_bit",
-        action="store_true",
-        help="keep the base in 16 bits (default: 4-bit NF4)",
-    )
+    add_16bit_option(parser)
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out even if qlorakit eval did not write it (never the model, adapter or data)",
-    )
+    add_overwrite_option(parser, "qlorakit eval", "never the model, adapter or data")
     parser.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qlorakit.commands.options import add_overwrite_option
 from qlorakit.core.errors import ConfigError
 from qlorakit.export import gguf, hf
 from qlorakit.export.bnb4 import export_bnb4
@@ -31,11 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", default=None, help="gguf: f16|bf16|q8_0|f32 (f16); hf: bf16|fp16|fp32 (bf16)"
     )
     parser.add_argument("--max-shard-size", default="2GB", help="hf: largest safetensors shard")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out even if qlorakit export did not write it (never the input or a folder above it)",
-    )
+    add_overwrite_option(parser, "qlorakit export", "never the input or a folder above it")
     parser.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlorakit.commands.options import add_16bit_option
 from qlorakit.core.errors import ConfigError
 from qlorakit.eval.generation import GenerationSettings
 from qlorakit.eval.serving import AdapterServer
@@ -24,12 +25,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = True
         help="a PEFT adapter folder; repeat to load several on one base (named after the folder, or NAME=DIR)",
     )
     parser.add_argument("--adapter-name", default=None, help="which loaded adapter to use")
-    parser.add_argument(
-        "--16bit",
-        dest="sixteen_bit",
-        action="store_true",
-        help="keep the base in 16 bits (default: 4-bit NF4)",
-    )
+    add_16bit_option(parser)
     parser.add_argument(
         "--template",
         choices=("auto", "chat", "alpaca"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlorakit.commands.options import add_overwrite_option
 from qlorakit.export.merge import merge_adapter
 
 
@@ -34,11 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="dtype of the merged weights; nf4 re-quantizes the merged model (changes its outputs)",
     )
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out even if qlorakit merge did not write it (never the model's or the adapter's folder)",
-    )
+    add_overwrite_option(parser, "qlorakit merge", "never the model's or the adapter's folder")
     parser.set_defaults(func=run)
 
 

@@ -12,6 +12,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlorakit.commands.options import add_overwrite_option
 from qlorakit.config import QuantConfig
 from qlorakit.core.errors import ConfigError
 from qlorakit.core.outputs import OutputError, OutputPlan, check_output
@@ -85,11 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-length", type=int, default=256, help="perplexity window in tokens (default: 256)"
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out even if qlorakit did not write it (never the input model or a folder above it)",
-    )
+    add_overwrite_option(parser, "qlorakit", "never the input model or a folder above it")
     parser.set_defaults(func=run)
 
 

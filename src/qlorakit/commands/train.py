@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from qlorakit.commands.options import add_override_command, add_overwrite_option
 from qlorakit.config import Config, load_config
 from qlorakit.core.outputs import OutputPlan, disk_errors
 from qlorakit.train.recipe import run_training
@@ -31,13 +32,14 @@ def config_help() -> str:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_override_command(
+        subparsers,
         "train",
         usage="qlorakit train [-h] [--resume] [--overwrite] [CONFIG.yaml] [--section.key=value ...]",
         help="fine-tune a LoRA adapter on a 4-bit base (QLoRA)",
         description=__doc__,
         epilog=config_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        run=run,
     )
     parser.add_argument("config", nargs="?", help="a YAML config file (default: the built-in demo settings)")
     parser.add_argument(
@@ -45,13 +47,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="continue from the newest valid checkpoint (= --train.resume=auto)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into an output.dir that holds files qlorakit train did not write "
-        "(= --output.overwrite=true; never a folder holding the model or the data)",
+    add_overwrite_option(
+        parser,
+        "qlorakit train",
+        "= --output.overwrite=true; never a folder holding the model or the data",
+        into="an output.dir",
     )
-    parser.set_defaults(func=run, overrides=[])
 
 
 def run(args: argparse.Namespace) -> int:
