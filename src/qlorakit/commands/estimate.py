@@ -45,6 +45,13 @@ _ROWS = (
 )
 # LoRA settings the estimate does not model (it counts r on every targeted linear of every layer).
 _UNMODELED = ("rank_pattern", "layers_to_transform", "exclude_modules", "modules_to_save", "use_dora")
+# The positive-integer options and the config keys they override.
+_INT_OPTIONS = (
+    ("batch", "train.batch_size"),
+    ("seq", "data.max_length"),
+    ("r", "lora.r"),
+    ("blocksize", "quant.blocksize"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,26 +125,14 @@ def _check_options(args: argparse.Namespace) -> tuple[int | None, list[str]]:
             budget = parse_size(args.budget, "memory size")
         except ConfigError as exc:
             errors.append(f"--budget: {exc}")
-    errors += [
-        f"--{name} must be a positive integer, got {value}"
-        for name, value in (
-            ("batch", args.batch),
-            ("seq", args.seq),
-            ("r", args.r),
-            ("blocksize", args.blocksize),
-        )
-        if value is not None and value < 1
-    ]
-    out = [
-        f"--{key}={value}"
-        for key, value in (
-            ("train.batch_size", args.batch),
-            ("data.max_length", args.seq),
-            ("lora.r", args.r),
-            ("quant.blocksize", args.blocksize),
-        )
-        if value is not None
-    ]
+    out = []
+    for flag, key in _INT_OPTIONS:
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if value < 1:
+            errors.append(f"--{flag} must be a positive integer, got {value}")
+        out.append(f"--{key}={value}")
     if args.targets is not None:
         names = [t.strip() for t in args.targets.split(",") if t.strip()]
         if not names:
