@@ -11,6 +11,7 @@ the input's dtype, or the autocast dtype when autocast is on.
 from __future__ import annotations
 
 import math
+from typing import Required, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,22 @@ def _base_device(base: nn.Module) -> torch.device:
     return base.packed.device
 
 
+class AdapterOptions(TypedDict, total=False):
+    """The settings of one adapter, as `LoRALinear.add_adapter` takes them (defaults are there).
+
+    The constructor takes the same keywords for its first adapter and hands them on unchanged, so the
+    two signatures cannot drift apart.
+    """
+
+    r: Required[int]
+    alpha: Required[float]
+    dropout: float
+    use_rslora: bool
+    use_dora: bool
+    init: str
+    seed: int | None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus one or more named LoRA adapters (one active at a time).
 
@@ -131,13 +148,7 @@ class LoRALinear(nn.Module):
         base: nn.Module,
         *,
         adapter_name: str = "default",
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init: str = "default",
-        seed: int | None = None,
+        **adapter: Unpack[AdapterOptions],
     ) -> None:
         super().__init__()
         self._kind = base_kind(base)
@@ -156,16 +167,7 @@ class LoRALinear(nn.Module):
         self._disabled = False
         self._merge_norms: dict[str, torch.Tensor] = {}
         self.train(base.training)  # new submodules (dropout) follow the wrapped layer's train/eval mode
-        self.add_adapter(
-            adapter_name,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-            init=init,
-            seed=seed,
-        )
+        self.add_adapter(adapter_name, **adapter)
 
     # -- shape ------------------------------------------------------------------------------------------
     @property
