@@ -32,7 +32,7 @@ def test_parse_size(text, value):
 @pytest.mark.parametrize("bad", ["", "2 parsecs", "-1GB", "0", "GB"])
 def test_parse_size_rejects(bad):
     with pytest.raises(ConfigError, match="max shard size"):
-        parse_size(bad)
+        parse_size(bad, "max shard size")
 
 
 def test_parse_dtype():

@@ -336,6 +336,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     import psutil, torch
     from helpers.tiny import make_tiny_llama
     from qlorakit.quant.convert import quantize_model
+    from qlorakit.quant.settings import QuantSettings
 
     # warm-up on a tiny model: lazy imports and the compiled CPU kernels are loaded outside the measurement
     quantize_model(make_tiny_llama(), QuantSettings(compute_dtype=torch.float32))

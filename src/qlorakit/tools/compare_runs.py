@@ -2,7 +2,7 @@
 
 The two trainings use the same data, seed and steps, once with `--quant.enabled=false` (16-bit base) and
 once with `--quant.enabled=true` (NF4 base); a process each, so each run's peak memory is its own. Then
-`qlorakit.compare.write_report` turns the two run folders into `<out>/report.md` and the plots.
+`qlorakit.tools.compare.write_report` turns the two run folders into `<out>/report.md` and the plots.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The adapter in PEFT format (and the best one under `best/` when the best validation step is not the last),
 the tokenizer files, the resolved `config.yaml`, the loss curve, `summary.json` and a README. Every file
-is written atomically and listed in train's output marker (`qlorakit.outputs`).
+is written atomically and listed in train's output marker (`qlorakit.core.outputs`).
 """
 
 from __future__ import annotations
