@@ -62,10 +62,15 @@ def test_mmap_mode_returns_every_freed_large_tensor():
 
 @glibc_only
 def test_glibc_default_keeps_freed_tensors_resident():
-    """The problem the tuning solves (if glibc changes its policy, this tells us the tuning is moot)."""
-    r = _run({"QLORAKIT_MALLOC_TUNING": "0"})
-    assert not r["applied"] and r["mode"] == "off"
-    assert r["grown"] > 16 << 20
+    """The problem the tuning solves (if glibc changes its policy, this tells us the tuning is moot).
+
+    How much glibc keeps varies from process to process with its dynamic mmap threshold (measured on one
+    machine: 6 MiB once, 138-377 MiB in other runs of the same probe), so the premise is that it keeps more
+    than 16 MiB in at least one of three fresh processes; a glibc that returned freed tensors every time
+    fails this."""
+    runs = [_run({"QLORAKIT_MALLOC_TUNING": "0"}) for _ in range(3)]
+    assert all(not r["applied"] and r["mode"] == "off" for r in runs)
+    assert max(r["grown"] for r in runs) > 16 << 20, [r["grown"] for r in runs]
 
 
 @glibc_only
