@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from qlorakit.core.errors import ConfigError
+from qlorakit.core.fill import build, parse_override
 from qlorakit.quant.settings import QuantSettings, blocksize_problem
 
 
@@ -171,88 +170,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Filling the tree from plain data (YAML / overrides), with every error collected.
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
-    """Check `value` against annotation `tp`; return the converted value (errors appended, not raised)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            trial: list[str] = []
-            result = _coerce(value, option, key, trial)
-            if not trial:
-                return result
-        errors.append(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-        return None
-    if origin is Literal:
-        if value not in args:
-            errors.append(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            errors.append(f"{key}: expected a list, got {value!r}")
-            return []
-        return [_coerce(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping, got {value!r}")
-            return {}
-        return {str(k): _coerce(v, args[1], f"{key}.{k}", errors) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, errors)
-    if tp is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a number
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            errors.append(f"{key}: expected a number, got {value!r}")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config annotation {tp!r} at {key} is not supported")  # internal invariant
-
-
-def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
-    where = prefix or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        errors.append(f"{where}: expected a mapping of keys, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            errors.append(f"{prefix + '.' if prefix else ''}{key}: unknown key (known: {', '.join(names)})")
-    kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{prefix + '.' if prefix else ''}{name}", errors)
-    try:
-        return cls(**kwargs)
-    except TypeError:  # only reachable after a reported type error left a bad value
-        return cls()
+# Rules that types cannot express, and the entry points.
 
 
 def lora_regex_problems(lo: LoRAConfig) -> list[str]:
@@ -346,24 +264,6 @@ def _check_rules(cfg: Config) -> list[str]:
     return errs
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`--train.lr=1e-4` or `train.lr=1e-4` -> (["train", "lr"], 0.0001); values are parsed as YAML."""
-    import yaml
-
-    body = text[2:] if text.startswith("--") else text
-    if "=" not in body:
-        raise ConfigError(f"override {text!r}: expected --section.key=value (e.g. --train.lr=1e-4)")
-    key, raw = body.split("=", 1)
-    path = [p.replace("-", "_") for p in key.split(".") if p]
-    if not path:
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
 def config_from_dict(
     data: dict[str, Any] | None, overrides: list[str] = (), source: str = "config"
 ) -> Config:
@@ -382,7 +282,7 @@ def config_from_dict(
                 node[part] = child
             node = child
         node[path[-1]] = value
-    cfg = _build(Config, merged, "", errors)
+    cfg = build(Config, merged, "", errors)
     if not errors:
         errors.extend(_check_rules(cfg))
     if errors:
