@@ -30,7 +30,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("quant",),  # below config: config turns its QuantConfig into quant's own QuantSettings
     ("config",),
     ("lora",),
-    ("models", "data"),
+    ("models", "data", "methods"),  # methods: the fine-tuning methods (lora/, ...) behind one interface
     ("loss",),
     ("train", "eval", "export"),
     ("tools",),

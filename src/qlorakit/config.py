@@ -161,6 +161,10 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class Config:
+    method: Literal["lora"] = documented(
+        "lora",
+        "Fine-tuning method: lora (with quant.enabled: QLoRA; lora.use_dora: DoRA). One method per run.",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

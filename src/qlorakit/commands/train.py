@@ -18,16 +18,27 @@ from qlorakit.core.outputs import OutputPlan, disk_errors
 from qlorakit.train.recipe import run_training
 
 
+def _help_line(key: str, default: Any, f: dataclasses.Field) -> str:
+    text = f"  --{key}={default!r}"
+    doc = f.metadata.get("help")
+    return text if doc is None else f"{text}\n        {doc}"
+
+
 def config_help() -> str:
-    """Every `--section.key` with its default and the `help` of its field (from the config dataclasses)."""
+    """Every `--key` / `--section.key` with its default and the `help` of its field (from the config
+    dataclasses)."""
     lines = ["configuration keys (YAML sections, or --section.key=value overrides):"]
+    hints = typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
+        cls = hints[section.name]
+        if not dataclasses.is_dataclass(cls):  # a top-level key such as `method`
+            lines.append(_help_line(section.name, section.default, section))
+            continue
         default = cls()
-        for f in dataclasses.fields(cls):
-            text = f"  --{section.name}.{f.name}={getattr(default, f.name)!r}"
-            doc = f.metadata.get("help")
-            lines.append(text if doc is None else f"{text}\n        {doc}")
+        lines += [
+            _help_line(f"{section.name}.{f.name}", getattr(default, f.name), f)
+            for f in dataclasses.fields(cls)
+        ]
     return "\n".join(lines)
 
 

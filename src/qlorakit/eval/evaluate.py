@@ -27,9 +27,8 @@ from qlorakit.core.outputs import OutputPlan, check_output, json_signature, outp
 from qlorakit.data import Example, Record, collate, load_records, prompt_ids, reference_answer, render_record
 from qlorakit.eval.generation import GenerationSettings, generate_ids
 from qlorakit.eval.metrics import generation_metrics
-from qlorakit.lora.inject import disable_adapters
-from qlorakit.lora.peft_format import load_adapter
 from qlorakit.loss import next_token_nll
+from qlorakit.methods import base_only, load_adapter
 from qlorakit.models.decode import pad_token_id
 from qlorakit.models.load import adapter_quant_config, load_base
 
@@ -237,7 +236,7 @@ def _evaluate_passes(
     records, examples = [r for r, _ in kept], [ex for _, ex in kept]
     results = []
     for label in labels:
-        with disable_adapters(model) if label == "base" and "adapted" in labels else contextlib.nullcontext():
+        with base_only(model) if label == "base" and "adapted" in labels else contextlib.nullcontext():
             results.append(
                 evaluate_pass(
                     model, tokenizer, examples, records, label=label, template=template, settings=settings

@@ -15,8 +15,7 @@ from torch import nn
 from qlorakit.config import QuantConfig
 from qlorakit.core.errors import ConfigError, ModelError
 from qlorakit.eval.generation import GenerationSettings, TextCallback, generate_text
-from qlorakit.lora.inject import disable_adapters, set_active_adapter
-from qlorakit.lora.peft_format import load_adapter
+from qlorakit.methods import Method, base_only, load_adapter
 from qlorakit.models.load import load_base, shared_quant_config
 
 _DEFAULT_SETTINGS = GenerationSettings()
@@ -51,6 +50,7 @@ class AdapterServer:
             self.model, self.tokenizer = load_base(base, four_bit=four_bit, quant=quant)
         self.template = template
         self.adapters: dict[str, Path] = {}
+        self.methods: dict[str, Method] = {}
         self._lock = threading.Lock()
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
@@ -64,7 +64,7 @@ class AdapterServer:
         if name in self.adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded (from {self.adapters[name]})")
         with self._lock:
-            load_adapter(self.model, Path(path), adapter_name=name)
+            self.methods[name] = load_adapter(self.model, Path(path), adapter_name=name)
             self.model.eval()
         self.adapters[name] = Path(path)
 
@@ -77,12 +77,12 @@ class AdapterServer:
         with self._lock:
             if adapter is None:
                 if self.adapters:
-                    with disable_adapters(self.model):
+                    with base_only(self.model):
                         yield self.model
                 else:
                     yield self.model
             else:
-                set_active_adapter(self.model, adapter)
+                self.methods[adapter].activate(self.model, adapter)
                 yield self.model
 
     def generate(

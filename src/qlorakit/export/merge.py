@@ -29,7 +29,7 @@ from qlorakit.core.errors import CheckpointError, ConfigError
 from qlorakit.core.outputs import OutputPlan, check_output, output_folder
 from qlorakit.export.hf import dense_tensors, write_hf_files
 from qlorakit.lora.inject import lora_layers
-from qlorakit.lora.peft_format import load_adapter, read_adapter_config
+from qlorakit.methods import check_adapter, load_adapter
 from qlorakit.models.load import adapter_quant_config, load_base, resolve_compute_dtype
 from qlorakit.models.resolve import is_quantized_folder, resolve_model_path
 from qlorakit.models.shape import estimated_bytes
@@ -170,7 +170,12 @@ def _check_paths(
 ) -> OutputPlan:
     """Arguments, adapter, model and output checks, before anything is loaded; the output's plan."""
     _check_merge_args(base, to, max_shard_size)
-    read_adapter_config(adapter_dir)  # a missing or broken adapter fails before the model is loaded
+    method = check_adapter(adapter_dir)  # a missing or broken adapter fails before the model is loaded
+    if not method.mergeable:
+        raise ConfigError(
+            f"{adapter_dir}: a {method.name} adapter cannot be merged into the base weights; use it as it is "
+            "(qlorakit generate/eval/chat --adapter, or PEFT)"
+        )
     source = resolve_model_path(model_spec)
     if base == "original" and source.is_dir() and is_quantized_folder(source):
         raise ConfigError(

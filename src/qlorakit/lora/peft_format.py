@@ -156,7 +156,7 @@ def save_adapter(
 # Reading
 
 
-def _read_config_json(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(
             f"{path}: adapter config not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})"
@@ -166,7 +166,7 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: not valid JSON ({exc}); re-save the adapter") from exc
     if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object of LoRA settings, got {type(data).__name__}")
+        raise FormatError(f"{path}: expected a JSON object of adapter settings, got {type(data).__name__}")
     return data
 
 
@@ -212,7 +212,7 @@ def _lora_section(data: dict[str, Any], path: Path) -> dict[str, Any]:
 def read_adapter_config(adapter_dir: Path) -> LoRAConfig:
     """The `LoRAConfig` of a PEFT/qlorakit adapter folder (FormatError/CheckpointError naming the file)."""
     path = Path(adapter_dir) / CONFIG_NAME
-    section = _lora_section(_read_config_json(path), path)
+    section = _lora_section(read_config_json(path), path)
     exclude = section["exclude_modules"]
     if isinstance(exclude, str):  # PEFT allows a regex here; validated as a list, then put back
         section["exclude_modules"] = []
@@ -339,7 +339,7 @@ def load_adapter(
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
-    config_data = _read_config_json(adapter_dir / CONFIG_NAME)
+    config_data = read_config_json(adapter_dir / CONFIG_NAME)
     tensors = _read_weights(adapter_dir)
     source = adapter_dir / WEIGHTS_NAME
     if adapter_name in {n for layer in lora_layers(model).values() for n in layer.lora_A}:

@@ -21,7 +21,7 @@ from torch import nn
 from qlorakit.config import Config, config_to_dict
 from qlorakit.core.atomic import atomic_write_text, make_temp_dir
 from qlorakit.core.outputs import add_own_names
-from qlorakit.lora.peft_format import save_adapter
+from qlorakit.methods import method_of_config
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train.loop import LoopState
 from qlorakit.train.metrics import CSV, JSONL, PLOT, plot_loss_curve
@@ -67,7 +67,7 @@ def _save_best_adapter(model: nn.Module, cfg: Config, state: LoopState, root: Pa
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(best[name])
-        target = save_adapter(model, out / "best", cfg.lora, base_model_name_or_path=cfg.model.name)
+        target = method_of_config(cfg).save(model, out / "best", cfg)
         for name, p in params.items():
             p.copy_(final[name])
     return target
@@ -84,7 +84,7 @@ def write_outputs(
     """Adapter (PEFT format), best adapter, tokenizer, resolved config, loss curve, summary (rank 0);
     returns the summary as written (with the loss curve's file name when one was plotted)."""
     out = Path(cfg.output.dir)
-    save_adapter(model, out, cfg.lora, base_model_name_or_path=cfg.model.name)
+    method_of_config(cfg).save(model, out, cfg)
     _save_best_adapter(model, cfg, state, out / "checkpoints", out)
     save_tokenizer(tokenizer, out)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -327,12 +327,17 @@ def _changed_training(saved: dict[str, Any], current: dict[str, Any], path: Path
     ]
 
 
+_OLDER_RUNS = {"method": "lora"}
+"""Run settings that checkpoints written before the setting existed hold implicitly."""
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> list[str]:
     """Refuse to resume when the run-defining settings differ (names every differing key).
 
     Training settings (`current["train"]`) are compared too: a changed optimizer or weight decay is
     refused, any other change is allowed and returned as a note saying the resume is no longer exact.
     """
+    saved = {**_OLDER_RUNS, **saved}
     diffs = [
         f"{key}: checkpoint {json.dumps(saved.get(key))} vs now {json.dumps(current[key])}"
         for key in current

@@ -29,7 +29,8 @@ from qlorakit.data import (
     collate,
     reference_answer,
 )
-from qlorakit.lora.inject import disable_adapters, inject_lora, prepare_for_kbit_training
+from qlorakit.lora.inject import prepare_for_kbit_training
+from qlorakit.methods import base_only, method_of_config
 from qlorakit.models.decode import pad_token_id
 from qlorakit.models.load import resolve_compute_dtype
 from qlorakit.models.resolve import load_model
@@ -76,8 +77,10 @@ def _say(ctx: DistContext, text: str) -> None:
 
 
 def run_settings(cfg: Config) -> dict[str, Any]:
-    """The settings a resumed run must share with the checkpoint (model, quantization, LoRA, data, seed)."""
+    """The settings a resumed run must share with the checkpoint (method, model, quantization, LoRA, data,
+    seed)."""
     return {
+        "method": cfg.method,
         "model": config_to_dict(cfg.model),
         "quant": config_to_dict(cfg.quant),
         "lora": config_to_dict(cfg.lora),
@@ -133,7 +136,8 @@ def find_resume_checkpoint(cfg: Config, root: Path, world_size: int, notes: list
 def build_model(
     cfg: Config, compute_dtype: torch.dtype, ctx: DistContext
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
-    """Load the base, quantize it to 4 bits (QLoRA) and inject LoRA; returns (model, tokenizer, report)."""
+    """Load the base, quantize it to 4 bits (QLoRA) and inject the method's parameters (LoRA, ...);
+    returns (model, tokenizer, report)."""
     model, tokenizer = load_model(
         cfg.model.name,
         dtype=compute_dtype,
@@ -142,9 +146,9 @@ def build_model(
         quantize=cfg.quant if cfg.quant.enabled else None,
     )
     prepare_for_kbit_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    report = inject_lora(model, cfg.lora, seed=cfg.train.seed)
+    report = method_of_config(cfg).inject(model, cfg, cfg.train.seed)
     model.to(ctx.device)
-    return model, tokenizer, str(report)
+    return model, tokenizer, report
 
 
 def seed_everything(seed: int) -> None:
@@ -192,7 +196,7 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     _say(ctx, f"model: {cfg.model.name}; {inject_report}\n{data.stats.summary()}")
     collate_fn = _collate_fn(tokenizer)
     settings = EvalSettings(cfg.train.batch_size, cfg.train.eval_batches, autocast_dtype)
-    with disable_adapters(model):
+    with base_only(model):
         before = check_held_out(model, tokenizer, data, cfg, ctx, collate_fn, settings)
     steps = total_steps(cfg.train, len(data.train), ctx.world_size)
     result, records = _train(cfg, ctx, model, data, collate_fn, plan, resume_from, steps, autocast_dtype)
