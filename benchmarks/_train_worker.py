@@ -51,7 +51,7 @@ def build_qlorakit(model_dir: Path, dtype: torch.dtype, gc: bool) -> nn.Module:
 
     # As `qlorakit train` builds it: models.load_model resolves this folder (no tokenizer) to
     # load_quantizing, each linear quantized (NF4, double quant) as it is read, the rest in `dtype`.
-    model = load_quantizing(model_dir, QuantConfig(), dtype)
+    model = load_quantizing(model_dir, QuantConfig().to_settings(dtype))
     prepare_for_kbit_training(model, gradient_checkpointing=gc)  # freezes the base, so before injecting
     inject_lora(model, LoRAConfig(r=R, alpha=ALPHA, dropout=DROPOUT, target_modules=TARGETS), seed=0)
     return model

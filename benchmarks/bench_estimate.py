@@ -207,7 +207,7 @@ def predict(model: str, overrides: list[str], tokenizer):
     from qlorakit.models.shape import ModelShape
     from qlorakit.tools.estimate.advice import RunSettings
     from qlorakit.tools.estimate.run_shapes import run_shapes
-    from qlorakit.train.recipe import SAMPLE_BATCH
+    from qlorakit.train.samples import SAMPLE_BATCH
 
     cfg = load_config(None, overrides)
     shape = ModelShape.from_config(model)

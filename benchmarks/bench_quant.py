@@ -32,7 +32,7 @@ from _common import environment, interleaved_ms, median, print_environment, spee
 from qlorakit.quant import kernels
 from qlorakit.quant.blockwise import (
     dequantize_4bit,
-    dequantize_blocks_reference,
+    dequantize_blocks,
     quantize_4bit,
     quantize_blocks_reference,
 )
@@ -116,11 +116,11 @@ def _dequantize_internals(
     fns: dict[str, Callable[[], object]] = {}
     if kernels.available():
         fns[f"qlorakit kernel only ({kernels.isa()})"] = lambda: kernels.dequantize_blocks_cpu(
-            packed, absmax, state.code, bs, n, dtype
+            packed, absmax, state.code, bs, torch.empty(n, dtype=dtype)
         )
     if with_reference:
-        fns["qlorakit plain-torch reference"] = lambda: dequantize_blocks_reference(
-            packed, absmax, state.code, bs, n, dtype
+        fns["qlorakit plain-torch reference"] = lambda: dequantize_blocks(
+            packed, absmax, state.code, bs, n, dtype, reference=True
         )
     return fns
 

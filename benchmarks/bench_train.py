@@ -122,7 +122,7 @@ def auto_dtype() -> str:
 
 _DEFAULT_MALLOC_PROBE = (
     "from qlorakit.core import memory, native; memory.configure_allocator(); "
-    "import qlorakit.lora, qlorakit.quant; native.available(); print(memory.allocator_mode())"
+    "import qlorakit.lora, qlorakit.quant; [native.available(s) for s in native.registered()]; print(memory.allocator_mode())"
 )
 
 

@@ -2,4 +2,5 @@
 
 from qlorakit.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing the module (e.g. a package walker) must not start a run
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ import pytest
 
 from qlorakit.core import native
 from qlorakit.core.errors import ConfigError
-from qlorakit.core.memory import block_cache_bytes, configure_allocator, requested_mode
+from qlorakit.core.memory import SOURCE, block_cache_bytes, configure_allocator, requested_mode
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning targets glibc malloc")
 
@@ -74,7 +74,7 @@ def test_glibc_default_keeps_freed_tensors_resident():
 
 
 @glibc_only
-@pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
+@pytest.mark.skipif(not native.available(SOURCE), reason="C++ kernels could not be built here")
 def test_cache_mode_reuses_blocks_instead_of_faulting_fresh_pages():
     cached = _run({})  # the default
     mmap = _run({"QLORAKIT_MALLOC_TUNING": "mmap"})
@@ -90,7 +90,7 @@ def test_cache_mode_reuses_blocks_instead_of_faulting_fresh_pages():
 
 
 @glibc_only
-@pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
+@pytest.mark.skipif(not native.available(SOURCE), reason="C++ kernels could not be built here")
 def test_cache_cap_bounds_the_free_bytes_it_keeps():
     r = _run({"QLORAKIT_BLOCK_CACHE_MIB": "8"})  # the 32 MiB block cannot stay; a 3 MiB one can
     assert r["mode"] == "cache"
@@ -99,7 +99,7 @@ def test_cache_cap_bounds_the_free_bytes_it_keeps():
 
 
 @glibc_only
-@pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
+@pytest.mark.skipif(not native.available(SOURCE), reason="C++ kernels could not be built here")
 def test_training_computes_the_same_with_every_allocator_mode():
     """Same losses bit for bit: the allocator changes where tensors live, never what they hold."""
     code = textwrap.dedent(

@@ -13,9 +13,12 @@ import torch.nn.functional as F
 
 from qlorakit.core import native
 from qlorakit.lora import dropout as d
+from qlorakit.quant import kernels
 
-needs_kernels = pytest.mark.skipif(not native.available(), reason="C++ kernels could not be built here")
-ISAS = {"avx512": [0, 1, 2], "avx2": [0, 1], "scalar": [0]}.get(native.isa(), [0])
+needs_kernels = pytest.mark.skipif(
+    not native.available(d.SOURCE), reason="C++ kernels could not be built here"
+)
+ISAS = {"avx512": [0, 1, 2], "avx2": [0, 1], "scalar": [0]}.get(kernels.isa(), [0])
 
 
 @needs_kernels
@@ -139,7 +142,7 @@ def test_without_kernels_the_masks_are_the_same():
     """QLORAKIT_NO_KERNELS=1 (or no compiler) uses the reference: identical masks and outputs."""
     code = (
         "import torch; from qlorakit.core import native; from qlorakit.lora import dropout as d;"
-        "torch.manual_seed(4); print(native.available(), d.keep_bits(d.draw_seed(), 1000, 0.3).tolist())"
+        "torch.manual_seed(4); print(native.available(d.SOURCE), d.keep_bits(d.draw_seed(), 1000, 0.3).tolist())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

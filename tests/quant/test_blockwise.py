@@ -407,7 +407,7 @@ def test_dequantize_rejects_inconsistent_input():
     with pytest.raises(QuantizationError, match="out_dtype"):
         dequantize_4bit(packed, state, out_dtype=torch.int8)
     with pytest.raises(QuantizationError, match="absmax must be float32 with 2 entries"):
-        bw.dequantize_blocks_reference(packed, torch.ones(3), NF4_CODE, 64, 100, torch.float32)
+        bw.dequantize_blocks(packed, torch.ones(3), NF4_CODE, 64, 100, torch.float32, reference=True)
 
 
 def test_bits_per_parameter_on_real_tensors():

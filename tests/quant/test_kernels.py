@@ -13,7 +13,7 @@ import torch
 
 from qlorakit.core.errors import QuantizationError
 from qlorakit.quant import kernels
-from qlorakit.quant.blockwise import dequantize_blocks_reference, quantize_blocks_reference
+from qlorakit.quant.blockwise import dequantize_blocks, quantize_blocks_reference
 from qlorakit.quant.codes import FP4_CODE, NF4_CODE, get_code
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="C++ kernels could not be built here")
@@ -51,10 +51,10 @@ def test_dequantize_bit_identical_to_reference(isa: int, out_dtype: torch.dtype,
         # full blocks, a partial last block, and an odd element count
         for numel in (blocksize * 7, blocksize * 5 + 34, blocksize * 3 + 17, 1):
             packed, absmax = _random_packed(numel, blocksize, seed=numel + blocksize)
-            want = dequantize_blocks_reference(packed, absmax, code, blocksize, numel, out_dtype)
-            got = kernels.dequantize_blocks_cpu(
-                packed, absmax, code, blocksize, numel, out_dtype, force_isa=isa
-            )
+            want = dequantize_blocks(packed, absmax, code, blocksize, numel, out_dtype, reference=True)
+            out = torch.empty(numel, dtype=out_dtype)
+            got = kernels.dequantize_blocks_cpu(packed, absmax, code, blocksize, out, force_isa=isa)
+            assert got is out
             assert got.shape == (numel,) and got.dtype == out_dtype
             assert torch.equal(_bits(got), _bits(want)), (blocksize, numel)
 
@@ -68,8 +68,9 @@ def test_dequantize_special_scales(isa: int, out_dtype: torch.dtype) -> None:
     absmax = torch.tensor(scales, dtype=torch.float32)
     numel = blocksize * len(scales)
     packed = torch.arange(numel // 2, dtype=torch.int64).remainder(256).to(torch.uint8)
-    want = dequantize_blocks_reference(packed, absmax, NF4_CODE, blocksize, numel, out_dtype)
-    got = kernels.dequantize_blocks_cpu(packed, absmax, NF4_CODE, blocksize, numel, out_dtype, force_isa=isa)
+    want = dequantize_blocks(packed, absmax, NF4_CODE, blocksize, numel, out_dtype, reference=True)
+    out = torch.empty(numel, dtype=out_dtype)
+    got = kernels.dequantize_blocks_cpu(packed, absmax, NF4_CODE, blocksize, out, force_isa=isa)
     # torch itself writes NaN as 0x7FC0 or 0xFFFF in bf16 depending on the element's position: compare NaN-ness
     nan = want.isnan()
     assert nan.any() and torch.equal(got.isnan(), nan)
@@ -144,10 +145,10 @@ def test_thread_count_does_not_change_results() -> None:
     try:
         torch.set_num_threads(1)
         p1, a1 = kernels.quantize_blocks_cpu(x, NF4_CODE, 64)
-        d1 = kernels.dequantize_blocks_cpu(p1, a1, NF4_CODE, 64, x.numel(), torch.bfloat16)
+        d1 = kernels.dequantize_blocks_cpu(p1, a1, NF4_CODE, 64, torch.empty_like(x, dtype=torch.bfloat16))
         torch.set_num_threads(2)
         p2, a2 = kernels.quantize_blocks_cpu(x, NF4_CODE, 64)
-        d2 = kernels.dequantize_blocks_cpu(p2, a2, NF4_CODE, 64, x.numel(), torch.bfloat16)
+        d2 = kernels.dequantize_blocks_cpu(p2, a2, NF4_CODE, 64, torch.empty_like(x, dtype=torch.bfloat16))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(p1, p2) and torch.equal(a1, a2) and torch.equal(_bits(d1), _bits(d2))
@@ -158,13 +159,13 @@ def test_round_trip_matches_bitsandbytes_dequantize() -> None:
     w = torch.randn(96, 256, dtype=torch.bfloat16)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
     want = bnbf.dequantize_4bit(packed, state)
-    got = kernels.dequantize_blocks_cpu(packed, state.absmax, NF4_CODE, 64, w.numel(), torch.bfloat16)
-    assert torch.equal(_bits(got.view(96, 256)), _bits(want))
+    got = kernels.dequantize_blocks_cpu(packed, state.absmax, NF4_CODE, 64, torch.empty_like(w))
+    assert torch.equal(_bits(got), _bits(want))
 
 
 def test_validation_errors_name_the_tensor() -> None:
     packed, absmax = _random_packed(128, 64, seed=0)
-    ok = dict(packed=packed, absmax=absmax, code=NF4_CODE, blocksize=64, numel=128, out_dtype=torch.float32)
+    ok = dict(packed=packed, absmax=absmax, code=NF4_CODE, blocksize=64, out=torch.empty(128))
     bad_cases = [
         ({"packed": packed.to(torch.int8)}, "packed must be torch.uint8"),
         ({"absmax": absmax.double()}, "absmax must be torch.float32"),
@@ -172,7 +173,8 @@ def test_validation_errors_name_the_tensor() -> None:
         ({"packed": packed[:10]}, "packed must have 64 elements"),
         ({"code": NF4_CODE[:8]}, "code must have 16 elements"),
         ({"blocksize": 63}, "invalid blocksize 63"),
-        ({"out_dtype": torch.float64}, "out_dtype must be float32, bfloat16 or float16"),
+        ({"out": torch.empty(128, dtype=torch.float64)}, "out must be float32, bfloat16 or float16"),
+        ({"out": torch.empty(256)[::2]}, "out must be contiguous"),
         ({"packed": torch.empty(128, dtype=torch.uint8)[::2]}, "packed must be contiguous"),
         ({"absmax": absmax.to("meta")}, "absmax is on meta"),
     ]

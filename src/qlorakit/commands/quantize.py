@@ -9,31 +9,18 @@ text before and after quantization.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 from qlorakit.commands.options import add_overwrite_option
 from qlorakit.config import QuantConfig
 from qlorakit.core.errors import ConfigError
-from qlorakit.core.outputs import OutputError, OutputPlan, check_output
+from qlorakit.core.outputs import OutputError, check_output
 from qlorakit.models.resolve import DEFAULT_MODEL
 from qlorakit.models.shape import estimated_bytes
 from qlorakit.quant.settings import blocksize_problem
-from qlorakit.tools.quantize import quantize_folder
+from qlorakit.tools.quantize import QuantizeJob, quantize_folder
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
-
-
-@dataclass(frozen=True)
-class QuantizeArgs:
-    """The validated options of `qlorakit quantize`."""
-
-    model: str
-    plan: OutputPlan
-    quant: QuantConfig
-    perplexity: bool
-    max_length: int
-    max_shard_size: str
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -90,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_args(args: argparse.Namespace) -> QuantizeArgs:
+def parse_args(args: argparse.Namespace) -> QuantizeJob:
     """Check every option, and raise one ConfigError listing all problems."""
     problems = []
     blocksize_error = blocksize_problem(args.blocksize)
@@ -115,7 +102,7 @@ def parse_args(args: argparse.Namespace) -> QuantizeArgs:
         compute_dtype=args.compute_dtype,
         skip=["lm_head"] if args.skip is None else list(args.skip),
     )
-    return QuantizeArgs(
+    return QuantizeJob(
         model=args.model,
         plan=plan,
         quant=quant,
@@ -126,14 +113,6 @@ def parse_args(args: argparse.Namespace) -> QuantizeArgs:
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = parse_args(args)
-    text = quantize_folder(
-        opts.model,
-        opts.plan,
-        opts.quant,
-        measure_perplexity=opts.perplexity,
-        max_length=opts.max_length,
-        max_shard_size=opts.max_shard_size,
-    )
+    text = quantize_folder(parse_args(args))
     print(text, flush=True)
     return 0

@@ -2,7 +2,7 @@
 
 This module knows no package's sources: each package hands it its own with `register(source, signatures)`
 when its wrapper module is imported (`qlorakit.quant.kernels`: `quant/csrc/nf4_cpu.cpp`, 4-bit blockwise
-quantization with bitsandbytes semantics, and `qlk_best_isa`; `qlorakit.lora.dropout`:
+quantization with bitsandbytes semantics, and `qlk_best_isa`, the one CPU probe; `qlorakit.lora.dropout`:
 `lora/csrc/dropout_cpu.cpp`, LoRA dropout masks; `qlorakit.core.memory`: `core/csrc/block_cache.cpp`, the CPU
 allocator). Each source is compiled on its first use with `torch.utils.cpp_extension.load` into
 `$QLORAKIT_CACHE/ext/<key>` (default `~/.cache/qlorakit/ext/<key>`, see `qlorakit.core.paths`), where the key
@@ -13,13 +13,14 @@ export plain C functions over raw pointers: the Python wrappers validate every t
 outputs. Work runs on torch's intra-op thread pool (`at::parallel_for`), so `torch.set_num_threads` governs it.
 
 Vector paths (AVX-512, AVX2, scalar) are chosen at run time inside the libraries. If anything fails (no
-compiler, unsupported platform) a one-line warning is issued once, `available()` returns False and callers
+compiler, unsupported platform) a one-line warning is issued once, `available(source)` returns False and callers
 use their plain-torch reference. `QLORAKIT_NO_KERNELS=1` disables the fast path.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -43,7 +44,6 @@ _registered: dict[Path, Signatures] = {}
 #: source -> its loaded library.
 _loaded: dict[Path, ctypes.CDLL] = {}
 _failed = False
-_isa: int | None = None
 #: Seconds the last successful load took (compile or cached load), for benchmarks.
 load_seconds: float | None = None
 
@@ -69,6 +69,7 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def _compiler_version() -> str:
     cxx = os.environ.get("CXX", "c++")
     try:
@@ -159,34 +160,15 @@ def _build(source: Path) -> ctypes.CDLL | None:
     return lib
 
 
-def available(source: Path | None = None) -> bool:
-    """True when the compiled kernels of `source` (None: of every registered source) can be used in this
-    process (compiles them on first call)."""
-    sources = list(_registered) if source is None else [source]
-    return bool(sources) and all(library(s) is not None for s in sources)
+def available(source: Path) -> bool:
+    """True when the compiled kernels of the registered `source` can be used in this process (compiles them
+    on first call)."""
+    return library(source) is not None
 
 
-def best_isa() -> int:
-    """The widest vector path the kernels may use here: 2 AVX-512, 1 AVX2, 0 scalar (0 when unavailable).
-
-    Asked of `qlk_best_isa`, which a registered source exports (the quantization kernels')."""
-    global _isa
-    if _isa is None:
-        source = next((s for s, sig in _registered.items() if "qlk_best_isa" in sig), None)
-        lib = library(source) if source is not None else None
-        if lib is None:
-            return 0
-        _isa = int(lib.qlk_best_isa())
-    return _isa
+def registered() -> tuple[Path, ...]:
+    """The sources handed in so far (by the packages imported so far), e.g. to build them all up front."""
+    return tuple(_registered)
 
 
-def isa() -> str:
-    """The vector instruction set the kernels use here: "avx512", "avx2", "scalar" or "none" (unavailable)."""
-    if not available():
-        return "none"
-    return {2: "avx512", 1: "avx2", 0: "scalar"}[best_isa()]
-
-
-__all__ = [
-    "Signatures", "available", "best_isa", "build_directory", "isa", "library", "load_seconds", "register",
-]  # fmt: skip
+__all__ = ["Signatures", "available", "build_directory", "library", "load_seconds", "register", "registered"]

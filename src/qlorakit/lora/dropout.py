@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from qlorakit.core import native
+from qlorakit.quant import kernels
 
 SOURCE = native.register(
     Path(__file__).parent / "csrc" / "dropout_cpu.cpp",
@@ -107,7 +108,7 @@ def keep_bits(seed: int, n: int, p: float, device: torch.device | str = "cpu") -
     if device.type == "cpu" and native.available(SOURCE):
         bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
         if n and native.library(SOURCE).qlk_dropout_mask(
-            seed, n, threshold(p), bits.data_ptr(), native.best_isa()
+            seed, n, threshold(p), bits.data_ptr(), kernels.best_isa()
         ):
             raise RuntimeError("the C++ dropout-mask kernel failed in a worker thread")
         return bits
@@ -121,7 +122,7 @@ def apply_keep(x: torch.Tensor, bits: torch.Tensor, *, inplace: bool = False) ->
     out = x if inplace else torch.empty_like(x)
     if _fast(x):
         rc = native.library(SOURCE).qlk_dropout_apply(
-            x.data_ptr(), bits.data_ptr(), x.numel(), x.element_size(), out.data_ptr(), native.best_isa()
+            x.data_ptr(), bits.data_ptr(), x.numel(), x.element_size(), out.data_ptr(), kernels.best_isa()
         )
         if rc:
             raise RuntimeError("the C++ dropout-apply kernel failed")

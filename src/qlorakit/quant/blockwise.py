@@ -1,6 +1,6 @@
 """4-bit blockwise quantization (NF4 / FP4) with optional double quantization, bit-exact with bitsandbytes.
 
-The reference functions are plain vectorised torch (any device) and define the arithmetic; on CPU an
+The reference paths are plain vectorised torch (any device) and define the arithmetic; on CPU an
 optional C++ fast path (`qlorakit.quant.kernels`) computes the same bytes. Set `QLORAKIT_NO_KERNELS=1` to
 force the reference path.
 """
@@ -106,25 +106,6 @@ def _check_blocks(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, nu
         )
 
 
-def dequantize_blocks_reference(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    numel: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """out[i] = code[nibble_i] * absmax[i // blocksize] in fp32, then cast to `out_dtype`; returns [numel]."""
-    _check_blocks(packed, absmax, blocksize, numel)
-    p = packed.reshape(-1)
-    nibbles = torch.stack((p >> 4, p & 0x0F), dim=1).reshape(-1).to(torch.int32)
-    nblocks = absmax.numel()
-    values = code.to(torch.float32)[nibbles]
-    values = torch.nn.functional.pad(values, (0, nblocks * blocksize - values.numel()))
-    out = (values.view(nblocks, blocksize) * absmax.view(nblocks, 1)).reshape(-1)[:numel]
-    return out.to(out_dtype)
-
-
 def quantize_blocks(
     flat: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +123,26 @@ def dequantize_blocks(
     blocksize: int,
     numel: int,
     out_dtype: torch.dtype,
+    *,
+    reference: bool = False,
 ) -> torch.Tensor:
-    """Dispatch: the C++ fast path for CPU tensors when available, else `dequantize_blocks_reference`."""
-    kernels = _cpu_kernels() if packed.device.type == "cpu" else None
+    """out[i] = code[nibble_i] * absmax[i // blocksize] in fp32, then cast to `out_dtype`; returns [numel].
+
+    CPU tensors take the C++ fast path when it is available; `reference=True` (or any other device) takes
+    the plain-torch reference, which defines the arithmetic the kernel matches bit for bit.
+    """
+    _check_blocks(packed, absmax, blocksize, numel)
+    kernels = _cpu_kernels() if packed.device.type == "cpu" and not reference else None
     if kernels is not None:
-        _check_blocks(packed, absmax, blocksize, numel)
-        return kernels.dequantize_blocks_cpu(packed, absmax, code, blocksize, numel, out_dtype)
-    return dequantize_blocks_reference(packed, absmax, code, blocksize, numel, out_dtype)
+        out = torch.empty(numel, dtype=out_dtype)
+        return kernels.dequantize_blocks_cpu(packed.contiguous(), absmax, code, blocksize, out)
+    p = packed.reshape(-1)
+    nibbles = torch.stack((p >> 4, p & 0x0F), dim=1).reshape(-1).to(torch.int32)
+    nblocks = absmax.numel()
+    values = code.to(torch.float32)[nibbles]
+    values = torch.nn.functional.pad(values, (0, nblocks * blocksize - values.numel()))
+    out = (values.view(nblocks, blocksize) * absmax.view(nblocks, 1)).reshape(-1)[:numel]
+    return out.to(out_dtype)
 
 
 def _build_dynamic_lut(code: torch.Tensor) -> torch.Tensor:
@@ -287,7 +281,6 @@ __all__ = [
     "bits_per_parameter",
     "dequantize_4bit",
     "dequantize_blocks",
-    "dequantize_blocks_reference",
     "quantize_4bit",
     "quantize_blocks",
     "quantize_blocks_reference",

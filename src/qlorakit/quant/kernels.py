@@ -35,9 +35,25 @@ def available() -> bool:
     return native.available(SOURCE)
 
 
+_best_isa: int | None = None
+
+
+def best_isa() -> int:
+    """The widest vector path this CPU runs: 2 AVX-512, 1 AVX2, 0 scalar (0 when the kernels are unavailable).
+
+    The one CPU probe of qlorakit's kernels (`qlk_best_isa`); the dropout kernels take its answer too."""
+    global _best_isa
+    if _best_isa is None:
+        lib = native.library(SOURCE)
+        if lib is None:
+            return 0
+        _best_isa = int(lib.qlk_best_isa())
+    return _best_isa
+
+
 def isa() -> str:
     """The vector instruction set the kernels use here: "avx512", "avx2", "scalar" or "none" (unavailable)."""
-    return {2: "avx512", 1: "avx2", 0: "scalar"}[native.best_isa()] if available() else "none"
+    return {2: "avx512", 1: "avx2", 0: "scalar"}[best_isa()] if available() else "none"
 
 
 def _require() -> ctypes.CDLL:
@@ -66,7 +82,7 @@ def _check_cpu(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int | None
 
 
 def _isa_for(force_isa: int | None) -> int:
-    best = native.best_isa()
+    best = best_isa()
     if force_isa is None:
         return best
     if force_isa not in (0, 1, 2) or force_isa > best:
@@ -79,27 +95,27 @@ def dequantize_blocks_cpu(
     absmax: torch.Tensor,
     code: torch.Tensor,
     blocksize: int,
-    numel: int,
-    out_dtype: torch.dtype,
+    out: torch.Tensor,
     *,
     force_isa: int | None = None,
 ) -> torch.Tensor:
-    """Dequantize 4-bit blocks: `out[i] = code[nibble_i] * absmax[i // blocksize]` in fp32, then cast (RNE).
+    """Dequantize 4-bit blocks into `out`: `out[i] = code[nibble_i] * absmax[i // blocksize]` in fp32, then
+    cast (RNE) to out's dtype; returns `out`.
 
     packed: uint8 [(numel + 1) // 2] or [(numel + 1) // 2, 1], high nibble first; absmax: fp32 [nblocks];
-    code: fp32 [16]. Returns a flat tensor [numel] of out_dtype (float32, bfloat16 or float16).
-    force_isa (0 scalar, 1 AVX2, 2 AVX-512) pins a code path; tests use it to compare them.
+    code: fp32 [16]; out: contiguous float32, bfloat16 or float16 of numel elements (any shape; the caller
+    owns it, so a buffer can be reused). force_isa (0 scalar, 1 AVX2, 2 AVX-512) pins a code path; tests use
+    it to compare them.
     """
     lib = _require()
     check_blocksize(blocksize)
-    if not isinstance(numel, int) or numel < 0:
-        raise QuantizationError(f"numel must be a non-negative integer, got {numel!r}")
-    if out_dtype not in _OUT_KINDS:
-        raise QuantizationError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if out.dtype not in _OUT_KINDS:
+        raise QuantizationError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+    _check_cpu("out", out, out.dtype)
+    numel = out.numel()
     _check_cpu("packed", packed, torch.uint8, (numel + 1) // 2)
     _check_cpu("absmax", absmax, torch.float32, -(-numel // blocksize))
     _check_cpu("code", code, torch.float32, 16)
-    out = torch.empty(numel, dtype=out_dtype)
     if numel == 0:
         return out
     rc = lib.qlk_dequantize(
@@ -108,7 +124,7 @@ def dequantize_blocks_cpu(
         code.data_ptr(),
         blocksize,
         numel,
-        _OUT_KINDS[out_dtype],
+        _OUT_KINDS[out.dtype],
         out.data_ptr(),
         _isa_for(force_isa),
     )
@@ -159,6 +175,7 @@ def quantize_blocks_cpu(
 
 __all__ = [
     "available",
+    "best_isa",
     "dequantize_blocks_cpu",
     "isa",
     "quantize_blocks_cpu",

@@ -8,6 +8,7 @@ eval measures the perplexity before and after. The folder is what transformers +
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,18 +27,25 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+@dataclass(frozen=True)
+class QuantizeJob:
+    """What `qlorakit quantize` does: the validated options (the output checked before anything loads)."""
+
+    model: str
+    plan: OutputPlan
+    quant: QuantConfig
+    perplexity: bool = True
+    """Measure the perplexity before and after quantizing."""
+    max_length: int = 256
+    max_shard_size: str = "5GB"
+
+
 @torch.no_grad()
-def quantize_folder(
-    model_spec: str,
-    plan: OutputPlan,
-    quant: QuantConfig,
-    *,
-    measure_perplexity: bool = True,
-    max_length: int = 256,
-    max_shard_size: str = "5GB",
-) -> str:
-    """Load `model_spec`, quantize it with `quant`, save the 4-bit folder at `plan.path` (checked by the
-    caller before anything is loaded); returns the report text (sizes, errors, perplexity before/after)."""
+def quantize_folder(job: QuantizeJob) -> str:
+    """Load `job.model`, quantize it with `job.quant`, save the 4-bit folder at `job.plan.path` (checked by
+    the caller before anything is loaded); returns the report text (sizes, errors, perplexity before/after)."""
+    model_spec, plan, quant = job.model, job.plan, job.quant
+    measure_perplexity, max_length, max_shard_size = job.perplexity, job.max_length, job.max_shard_size
     out = plan.path
     source = resolve_model_path(model_spec)
     if source.is_dir() and is_quantized_folder(source):
