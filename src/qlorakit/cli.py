@@ -33,11 +33,27 @@ COMMANDS: dict[str, str] = {
 
 # `--section.key=value` config overrides; argparse cannot declare them, so they are split off first.
 _OVERRIDE = re.compile(r"^--[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")
+TOP_LEVEL_KEYS = ("method",)
+"""Config keys outside any section (`--method=ia3`): overrides wherever the command has no option of
+that name (`qlorakit estimate --method` is its own option). A test keeps this equal to the config's."""
+_TOP_LEVEL = re.compile(rf"^--({'|'.join(TOP_LEVEL_KEYS)})=")
 
 
 def is_override(arg: str) -> bool:
     """True for a config override such as `--train.lr=1e-4`."""
     return bool(_OVERRIDE.match(arg))
+
+
+def _split_overrides(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parse `argv`; returns (the parsed options, the config overrides in command-line order)."""
+    args, extra = parser.parse_known_args([a for a in argv if not is_override(a)])
+    top = {a for a in extra if _TOP_LEVEL.match(a)}  # only what the command's own options left over
+    unknown = [a for a in extra if a not in top]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, [a for a in argv if is_override(a) or a in top]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -75,8 +91,7 @@ def _run(argv: list[str]) -> int:
         argv = ["train"]  # `qlorakit` alone runs the embedded default demo, like `qlorakit train`
         first = "train"
     parser = build_parser(only=first if first in COMMANDS else None)
-    overrides = [a for a in argv if is_override(a)]
-    args = parser.parse_args([a for a in argv if not is_override(a)])
+    args, overrides = _split_overrides(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

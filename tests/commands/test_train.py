@@ -73,6 +73,19 @@ def test_loss_falls(trained):
     assert summary["tokens_per_s"] > 0 and summary["peak_rss_mib"] > 0
 
 
+def test_summary_counts_the_trained_parameters_and_the_saved_bytes(trained):
+    """The counts `qlorakit compare` reports, against the saved adapter and the base's own file."""
+    from safetensors.torch import load_file
+
+    _, root, out = trained
+    summary = json.loads((out / "summary.json").read_text())
+    trained_count = sum(t.numel() for t in adapter_tensors(out).values())
+    base_count = sum(t.numel() for t in load_file(root / "model" / "model.safetensors").values())
+    assert summary["trainable_params"] == trained_count > 0
+    assert summary["total_params"] == base_count + trained_count  # 4-bit weights count 2 per byte
+    assert summary["output_bytes"] == (out / "adapter_model.safetensors").stat().st_size
+
+
 def test_adapter_loads_in_peft_on_the_same_base(trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

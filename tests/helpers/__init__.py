@@ -4,5 +4,6 @@
 - `helpers.filesystems`: read-only and small-disk mounts, byte snapshots of a folder, leftover temporaries;
 - `helpers.cli`: a tiny project on disk (model folder, data, train.yaml) and running the real CLI in
   subprocesses;
-- `helpers.tinytrain`: the training loop on a tiny LoRA model, without the CLI.
+- `helpers.tinytrain`: the training loop on a tiny LoRA model, without the CLI;
+- `helpers.compare`: run folders for `qlorakit compare` (synthetic, or a tiny project to train).
 """

@@ -9,10 +9,9 @@ import re
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from helpers.cli import TINY_LORA, reverse_word_rows, write_train_yaml
-from helpers.tiny import make_tiny_llama, save_tiny_model
+from helpers.compare import assert_png, synthetic_run, tiny_compare_setup
+from helpers.tiny import make_tiny_llama
 from qlorakit.cli import main
 from qlorakit.core.errors import CheckpointError
 from qlorakit.core.outputs import write_marker
@@ -28,79 +27,6 @@ from qlorakit.tools.compare import (
     write_report,
 )
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _assert_png(path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == PNG_MAGIC
-    pixels = matplotlib.image.imread(path)
-    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
-    assert pixels.std() > 0  # something was drawn
-
-
-def _synthetic_run(folder, *, peak, elapsed, val, train_loss, quantization, seed=7, adapter_rows=8):
-    """A run folder as `qlorakit train` leaves it, with chosen numbers (elapsed_s per logged step)."""
-    folder.mkdir(parents=True)
-    steps = len(elapsed)
-    records = []
-    for step, t in enumerate(elapsed, start=1):
-        records.append(
-            {
-                "step": step,
-                "split": "train",
-                "loss": 3.0 - 0.1 * step,
-                "elapsed_s": t,
-                "tokens": 100 * step,
-                "tokens_per_s": 100.0,
-            }
-        )
-        if step % 2 == 0:
-            records.append(
-                {"step": step, "split": "val", "loss": val + 0.05 * (steps - step), "elapsed_s": t}
-            )
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {
-        "output_dir": str(folder),
-        "base_model": "tiny",
-        "quantization": quantization,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "trainable": "trainable",
-        "data_summary": "data",
-        "steps": steps,
-        "total_steps": steps,
-        "stop_reason": "max_steps",
-        "epochs": 1.0,
-        "world_size": 1,
-        "final_train_loss": train_loss,
-        "val_loss_before": 3.5,
-        "val_loss_after": val,
-        "best_val_loss": val,
-        "best_step": steps,
-        "samples": 2,
-        "exact_before": 0,
-        "exact_after": 1,
-        "generations": [],
-        "wall_time_s": 30.0,
-        "train_time_s": elapsed[-1],
-        "tokens_per_s": 100 * steps / elapsed[-1],
-        "peak_rss_mib": peak,
-    }
-    (folder / "summary.json").write_text(json.dumps(summary))
-    save_file(
-        {"lora_A": torch.zeros(adapter_rows, 64), "lora_B": torch.zeros(64, adapter_rows)},
-        str(folder / "adapter_model.safetensors"),
-    )
-    config = {
-        "quant": {"enabled": quantization != "16-bit", "compute_dtype": "auto"},
-        "train": {"seed": seed, "max_steps": steps},
-        "output": {"dir": str(folder)},
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    return folder
-
 
 def test_median_step_time_uses_the_logged_intervals():
     records = [{"step": s, "split": "train", "elapsed_s": t} for s, t in ((2, 5.0), (4, 6.0), (6, 7.2))]
@@ -112,7 +38,7 @@ def test_median_step_time_uses_the_logged_intervals():
 
 
 def test_report_builder_on_synthetic_runs(tmp_path):
-    lora_dir = _synthetic_run(
+    lora_dir = synthetic_run(
         tmp_path / "lora16",
         peak=1000.0,
         elapsed=[2.0, 2.5, 3.0, 3.5],
@@ -121,7 +47,7 @@ def test_report_builder_on_synthetic_runs(tmp_path):
         quantization="16-bit",
         adapter_rows=8,
     )
-    qlora_dir = _synthetic_run(
+    qlora_dir = synthetic_run(
         tmp_path / "qlora",
         peak=600.0,
         elapsed=[3.0, 3.75, 4.5, 5.25],
@@ -161,7 +87,7 @@ def test_report_builder_on_synthetic_runs(tmp_path):
     assert "command: `qlorakit train x`" in text and "Warning" not in text
     for name in PLOTS.values():
         assert f"]({name})" in text
-        _assert_png(tmp_path / "out" / name)
+        assert_png(tmp_path / "out" / name)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([REPORT, *PLOTS.values()])
 
 
@@ -179,7 +105,7 @@ def test_estimated_peak_uses_the_run_settings(tmp_path):
     ]
     for quant, method in ((False, "lora"), (True, "qlora")):
         run = read_run(
-            _synthetic_run(
+            synthetic_run(
                 tmp_path / method, peak=1.0, elapsed=[1.0], val=1.0, train_loss=1.0, quantization=method
             ),
             method,
@@ -207,7 +133,7 @@ def test_estimated_peak_uses_the_run_settings(tmp_path):
 
 def test_report_warns_when_the_runs_differ_in_more_than_quantization(tmp_path):
     lora = read_run(
-        _synthetic_run(
+        synthetic_run(
             tmp_path / "a",
             peak=500.0,
             elapsed=[1.0, 2.0],
@@ -219,7 +145,7 @@ def test_report_warns_when_the_runs_differ_in_more_than_quantization(tmp_path):
         "16-bit LoRA",
     )
     qlora = read_run(
-        _synthetic_run(
+        synthetic_run(
             tmp_path / "b",
             peak=550.0,
             elapsed=[1.0, 3.0],
@@ -241,7 +167,7 @@ def test_report_warns_when_the_runs_differ_in_more_than_quantization(tmp_path):
 
 
 def test_unfinished_run_folder_is_named(tmp_path):
-    folder = _synthetic_run(
+    folder = synthetic_run(
         tmp_path / "run", peak=1.0, elapsed=[1.0], val=1.0, train_loss=1.0, quantization="x"
     )
     (folder / "summary.json").unlink()
@@ -252,33 +178,8 @@ def test_unfinished_run_folder_is_named(tmp_path):
     assert not (tmp_path / "out" / REPORT).exists()
 
 
-def _tiny_setup(root, rows: int = 40):
-    """A tiny Llama folder + tokenizer, a tiny Alpaca file and a YAML config pointing at them."""
-    save_tiny_model(root / "model")
-    rows = reverse_word_rows(rows, words=["hello", "fox", "dog", "brown", "quick", "lazy"])
-    (root / "alpaca.json").write_text(json.dumps(rows))
-    return write_train_yaml(
-        root / "train.yaml",
-        model=root / "model",
-        data=root / "alpaca.json",
-        out=root / "unused",
-        lora=TINY_LORA,
-        data_settings={"max_length": 48, "val_ratio": 0.2},
-        train={
-            "max_steps": 20,
-            "batch_size": 4,
-            "lr": 1e-2,
-            "eval_every": 2,
-            "save_every": 50,
-            "num_threads": 1,
-            "seed": 3,
-        },
-        output={"samples": 2, "tensorboard": False},
-    )
-
-
 def test_cli_rejects_clashing_overrides_and_existing_runs(tmp_path, capsys):
-    config = _tiny_setup(tmp_path)
+    config = tiny_compare_setup(tmp_path)
     assert main(["compare", str(config), "--out", str(tmp_path / "c"), "--output.dir=x"]) == 2
     assert "--output.dir=x" in capsys.readouterr().err
     assert main(["compare", str(config), "--train.lr=-1"]) == 2
@@ -294,7 +195,7 @@ def test_cli_rejects_clashing_overrides_and_existing_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compare_end_to_end_on_a_tiny_model(tmp_path, capsys):
-    config = _tiny_setup(tmp_path)
+    config = tiny_compare_setup(tmp_path)
     out = tmp_path / "cmp"
     threads = torch.get_num_threads()
     try:
@@ -331,7 +232,7 @@ def test_compare_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert lora.adapter_bytes == qlora.adapter_bytes > 0
     assert [r["step"] for r in qlora.records if r["split"] == "val"] == [2, 4]
     for name in PLOTS.values():
-        _assert_png(out / name)
+        assert_png(out / name)
     # the report can be rebuilt from the finished runs without training again
     (out / REPORT).unlink()
     assert main(["compare", str(config), "--out", str(out), "--train.max_steps=4", "--report-only"]) == 0

@@ -1,131 +1,137 @@
-"""The 16-bit LoRA vs QLoRA comparison report, built from two finished `qlorakit train` output folders.
+"""The comparison report of fine-tuning methods, built from finished `qlorakit train` output folders.
 
-Each run folder holds what the training pipeline writes: `summary.json` (peak RSS, throughput, losses,
-held-out exact match), `metrics.jsonl` (one record per logged step, `split` train or val), the adapter
-(`adapter_model.safetensors`) and `config.yaml`. Nothing here trains: `read_run` reads a folder,
-`build_report` turns two runs into Markdown (a pure function), and `write_report` adds the plots and writes
-everything atomically. `qlorakit compare` (tools/compare_runs.py) runs the two trainings, then calls it.
+`read_run` (tools/run_folder.py) reads each run folder; `build_report` turns the runs into Markdown (a pure
+function: a table with a row per method, a table with a column per method, computed sentences) and
+`write_report` adds the plots (tools/compare_plots.py) and writes everything atomically. Nothing here
+trains: `qlorakit compare` (tools/compare_runs.py) runs the trainings, then calls `write_report`.
+
+The first run is the reference of the sentences (each other run's memory, step time and loss against
+it). Quantization drift is measured for every run on a 4-bit base: the validation loss of its base before
+training minus that of a 16-bit base from the same comparison (the base alone: training evaluates the
+"before" loss with the method switched off), and, when the comparison holds the same run on a 16-bit
+base (QLoRA and 16-bit LoRA), the difference of their final validation losses.
 """
 
 from __future__ import annotations
 
-import io
-import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from qlorakit.core.atomic import atomic_write_bytes, atomic_write_text
 from qlorakit.core.dtypes import format_bytes
-from qlorakit.core.errors import CheckpointError, DependencyError, QLoraKitError
-from qlorakit.lora.peft_format import WEIGHTS_NAME
+from qlorakit.core.errors import DependencyError, QLoraKitError
+from qlorakit.eval.metrics import rouge_l
 from qlorakit.models.shape import ModelShape
+from qlorakit.tools.compare_methods import COMPARE_METHODS, DEFAULT_METHODS, CompareMethod
+from qlorakit.tools.compare_plots import (
+    plot_loss_curves,
+    plot_memory_vs_quality,
+    plot_peak_memory,
+    plot_speed,
+)
 from qlorakit.tools.estimate.memory import CONFIG_OPTIMIZERS, estimate_memory
-from qlorakit.train.metrics import JSONL, read_records
-from qlorakit.train.report import SUMMARY, RunSummary, read_summary
+from qlorakit.tools.run_folder import RunResult, flatten, median_step_time, read_run
+from qlorakit.train.report import RunSummary
 
 REPORT = "report.md"
-PLOTS = {"loss": "loss_curves.png", "memory": "peak_memory.png", "speed": "speed.png"}
-# Keys of the resolved config that are allowed to differ between the two runs.
+PLOTS = {
+    "loss": "loss_curves.png",
+    "memory": "peak_memory.png",
+    "speed": "speed.png",
+    "tradeoff": "memory_vs_quality.png",
+}
+# Keys of the resolved config that may differ between the default pair (16-bit LoRA, QLoRA).
 _EXPECTED_DIFFERENCES = ("quant.enabled", "output.dir")
+# (config method, 4-bit base) -> `qlorakit estimate`'s method; other methods and DoRA it does not model
+_ESTIMATED = {("full", False): "full", ("lora", False): "lora", ("lora", True): "qlora"}
+
+
+def setting_differences(
+    a: RunResult, b: RunResult, expected: Collection[str] = _EXPECTED_DIFFERENCES
+) -> list[str]:
+    """Resolved-config keys that differ between the runs besides the `expected` ones."""
+    fa, fb = flatten(a.config), flatten(b.config)
+    if not fa or not fb:
+        return []
+    keys = sorted((set(fa) | set(fb)) - set(expected))
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
+
+
+def estimated_peak(run: RunResult, auto_dtype: str | None) -> int | None:
+    """`qlorakit estimate`'s peak RSS for the run's settings at `data.max_length` tokens per row (an upper
+    bound: batches are padded only to their longest row); None when the settings cannot be estimated."""
+    cfg = run.config
+    try:
+        q, lo, t = cfg["quant"], cfg["lora"], cfg["train"]
+        method = None if lo.get("use_dora") else _ESTIMATED.get((cfg.get("method", "lora"), q["enabled"]))
+        dtype = auto_dtype if q["compute_dtype"] == "auto" else q["compute_dtype"]
+        if dtype is None or method is None:
+            return None
+        est = estimate_memory(
+            ModelShape.from_config(cfg["model"]["name"]),
+            method=method,
+            batch=int(t["batch_size"]),
+            seq=int(cfg["data"]["max_length"]),
+            r=int(lo["r"]),
+            targets=lo["target_modules"],
+            grad_checkpointing=bool(t["gradient_checkpointing"]),
+            compute_dtype=dtype,
+            optimizer=CONFIG_OPTIMIZERS[t["optim"]],
+            blocksize=int(q["blocksize"]),
+            double_quant=bool(q["double_quant"]),
+            lora_dropout=float(lo["dropout"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, QLoraKitError):
+        return None
+    return est.peak
 
 
 @dataclass(frozen=True)
-class RunResult:
-    """One finished training run, as its output folder describes it."""
+class Drift:
+    """What quantizing the base cost one run, in validation loss (nats / label token; + means worse)."""
 
-    label: str
-    folder: Path
-    summary: RunSummary
-    records: list[dict[str, Any]]
-    adapter_bytes: int
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def peak_rss_mib(self) -> float:
-        return self.summary.peak_rss_mib
-
-    @property
-    def mean_step_time_s(self) -> float:
-        """Training time (forward, backward, optimizer; no evaluation) per optimizer step."""
-        return self.summary.train_time_s / max(1, self.summary.steps)
-
-    @property
-    def median_step_time_s(self) -> float:
-        """Median seconds per step over the logged intervals; the first interval (one-time warm-up such as
-        allocator growth) is left out when there are others."""
-        return median_step_time(self.records) or self.mean_step_time_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.summary.tokens_per_s
-
-    @property
-    def final_val_loss(self) -> float | None:
-        return self.summary.val_loss_after
-
-    def compute_dtype(self, auto: str | None = None) -> str:
-        """The run's compute dtype (also the dtype of a 16-bit base); `auto` names what "auto" resolved to."""
-        name = self.config.get("quant", {}).get("compute_dtype", "n/a")
-        return f"auto ({auto})" if name == "auto" and auto else str(name)
+    base: float | None
+    """Its 4-bit base minus the 16-bit base of `reference`, before training; None without such a run."""
+    reference: str | None
+    trained: float | None
+    """Its final loss minus that of `twin`, the same run on a 16-bit base; None without such a run."""
+    twin: str | None
 
 
-def median_step_time(records: Sequence[dict[str, Any]]) -> float | None:
-    """Median of (elapsed time / steps) between consecutive `train` records; None without records.
-
-    `elapsed_s` is the cumulative training time the loop logs, so a record every k steps gives k-step means.
-    """
-    rows = sorted((r for r in records if r.get("split") == "train"), key=lambda r: r["step"])
-    points = [(0, 0.0)] + [(int(r["step"]), float(r["elapsed_s"])) for r in rows]
-    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:], strict=False) if s1 > s0]
-    if not rates:
+def quantization_drift(run: RunResult, runs: Sequence[RunResult]) -> Drift | None:
+    """The drift of `run` against the 16-bit runs among `runs`; None when `run` has a 16-bit base."""
+    if not run.on_4bit_base:
         return None
-    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+    plain = [r for r in runs if not r.on_4bit_base]
+    reference = next((r for r in plain if r.summary.val_loss_before is not None), None)
+    base = None
+    if reference is not None and run.summary.val_loss_before is not None:
+        base = run.summary.val_loss_before - reference.summary.val_loss_before
+    twin = next(
+        (
+            r
+            for r in plain
+            if r.config and run.config and r.final_val_loss is not None and not setting_differences(run, r)
+        ),
+        None,
+    )
+    trained = None
+    if twin is not None and run.final_val_loss is not None:
+        trained = run.final_val_loss - twin.final_val_loss
+    return Drift(
+        base, None if base is None else reference.label, trained, None if twin is None else twin.label
+    )
 
 
-def read_run(folder: str | Path, label: str) -> RunResult:
-    """A finished run folder (see module doc); CheckpointError naming the missing file otherwise."""
-    import yaml
-
-    folder = Path(folder)
-    summary_path = folder / SUMMARY
-    if not summary_path.exists():
-        raise CheckpointError(
-            f"{summary_path} is missing: the {label} run did not finish (rerun it, or check its output)"
-        )
-    summary = read_summary(folder)
-    adapter = folder / WEIGHTS_NAME
-    if not adapter.is_file():
-        raise CheckpointError(f"{adapter} is missing: the {label} run saved no adapter")
-    config: dict[str, Any] = {}
-    if (folder / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise CheckpointError(f"cannot read {folder / 'config.yaml'}: {exc}") from exc
-    records = read_records(folder / JSONL)
-    return RunResult(label, folder, summary, records, adapter.stat().st_size, config)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def setting_differences(a: RunResult, b: RunResult) -> list[str]:
-    """Resolved-config keys that differ between the runs besides the quantization switch and folder."""
-    fa, fb = _flatten(a.config), _flatten(b.config)
-    if not fa or not fb:
-        return []
-    keys = sorted((set(fa) | set(fb)) - set(_EXPECTED_DIFFERENCES))
-    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
+def rouge_before_after(summary: RunSummary) -> tuple[float, float] | None:
+    """Mean ROUGE-L F1 of the held-out generations before and after training against their references;
+    None without generations. DependencyError when rouge-score is not installed."""
+    gens = summary.generations
+    if not gens:
+        return None
+    refs = [g.reference for g in gens]
+    return rouge_l([g.before for g in gens], refs), rouge_l([g.after for g in gens], refs)
 
 
 def _loss(value: float | None) -> str:
@@ -142,43 +148,78 @@ def _estimate(run: RunResult, auto_dtype: str | None) -> str:
     return "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB"
 
 
-def estimated_peak(run: RunResult, auto_dtype: str | None) -> int | None:
-    """`qlorakit estimate`'s peak RSS for the run's settings at `data.max_length` tokens per row (an upper
-    bound: batches are padded only to their longest row); None when the settings cannot be estimated."""
-    cfg = run.config
+def _method_text(run: RunResult) -> str:
+    """The run's method as its resolved config sets it (LoRA with its rank, alpha and variant)."""
+    method, lo = run.config.get("method", "lora"), run.config.get("lora", {})
+    if method != "lora":
+        return str(method)
+    text = f"LoRA r={lo.get('r', run.summary.lora_r)} alpha={lo.get('alpha', run.summary.lora_alpha):g}"
+    return text + (", DoRA" if lo.get("use_dora") else "")
+
+
+def _rouge(run: RunResult) -> str:
     try:
-        q, lo, t = cfg["quant"], cfg["lora"], cfg["train"]
-        dtype = auto_dtype if q["compute_dtype"] == "auto" else q["compute_dtype"]
-        if dtype is None:
-            return None
-        est = estimate_memory(
-            ModelShape.from_config(cfg["model"]["name"]),
-            method="qlora" if q["enabled"] else "lora",
-            batch=int(t["batch_size"]),
-            seq=int(cfg["data"]["max_length"]),
-            r=int(lo["r"]),
-            targets=lo["target_modules"],
-            grad_checkpointing=bool(t["gradient_checkpointing"]),
-            compute_dtype=dtype,
-            optimizer=CONFIG_OPTIMIZERS[t["optim"]],
-            blocksize=int(q["blocksize"]),
-            double_quant=bool(q["double_quant"]),
-            lora_dropout=float(lo["dropout"]),
-        )
-    except (KeyError, TypeError, ValueError, QLoraKitError):
-        return None
-    return est.peak
+        scores = rouge_before_after(run.summary)
+    except DependencyError:
+        return "n/a (pip install rouge-score)"
+    return "n/a" if scores is None else f"{scores[0]:.3f} → {scores[1]:.3f}"
 
 
-def table_rows(
-    lora: RunResult, qlora: RunResult, auto_dtype: str | None = None
-) -> list[tuple[str, str, str]]:
-    """(metric, 16-bit LoRA, QLoRA) rows of the report table."""
+def _drift(run: RunResult, runs: Sequence[RunResult]) -> str:
+    drift = quantization_drift(run, runs)
+    if drift is None:
+        return "– (16-bit base)"
+    if drift.base is None:
+        return "n/a (no 16-bit run to compare with)"
+    text = f"{drift.base:+.4f} (base)"
+    if drift.trained is not None:
+        text += f", {drift.trained:+.4f} trained (vs {drift.twin})"
+    return text
 
-    def row(name: str, fmt: Any) -> tuple[str, str, str]:
-        return name, fmt(lora), fmt(qlora)
+
+def _params(s: RunSummary) -> str:
+    return "n/a" if s.trainable_params is None else f"{s.trainable_params:,d}"
+
+
+def _percent(s: RunSummary) -> str:
+    share = s.trainable_percent
+    return "n/a" if share is None else f"{share:.4f}%"
+
+
+Column = Callable[[RunResult, Sequence[RunResult]], str]
+# The table with one row per method: (header, cell of one run given all runs)
+METHOD_COLUMNS: tuple[tuple[str, Column], ...] = (
+    ("Trainable params", lambda r, _: _params(r.summary)),
+    ("Trainable %", lambda r, _: _percent(r.summary)),
+    ("Saved weights", lambda r, _: format_bytes(r.adapter_bytes)),
+    ("Peak memory (VmHWM)", lambda r, _: f"{r.peak_rss_mib:,.0f} MiB"),
+    ("s / step (median)", lambda r, _: f"{r.median_step_time_s:.3f}"),
+    ("Tokens / s", lambda r, _: f"{r.tokens_per_s:,.1f}"),
+    (
+        "Val loss before → after",
+        lambda r, _: f"{_loss(r.summary.val_loss_before)} → {_loss(r.final_val_loss)}",
+    ),
+    ("Exact match before → after", lambda r, _: _exact(r.summary)),
+    ("ROUGE-L before → after", lambda r, _: _rouge(r)),
+    ("Quantization drift (val loss)", _drift),
+)
+
+
+def method_table(runs: Sequence[RunResult]) -> list[str]:
+    """The Markdown table with one row per run (`METHOD_COLUMNS`)."""
+    head = ["| Method | " + " | ".join(h for h, _ in METHOD_COLUMNS) + " |"]
+    head.append("| --- |" + " ---: |" * len(METHOD_COLUMNS))
+    return head + [f"| {r.label} | " + " | ".join(c(r, runs) for _, c in METHOD_COLUMNS) + " |" for r in runs]
+
+
+def table_rows(runs: Sequence[RunResult], auto_dtype: str | None = None) -> list[tuple[str, ...]]:
+    """(metric, one cell per run) rows of the table with a column per run."""
+
+    def row(name: str, fmt: Callable[[RunResult], str]) -> tuple[str, ...]:
+        return (name, *(fmt(r) for r in runs))
 
     return [
+        row("Method", _method_text),
         row("Base weights", lambda r: r.summary.quantization),
         row("Compute dtype", lambda r: r.compute_dtype(auto_dtype)),
         row("Peak memory (RSS, whole process)", lambda r: f"{r.peak_rss_mib:,.0f} MiB"),
@@ -199,156 +240,132 @@ def table_rows(
     ]
 
 
-def conclusion(lora: RunResult, qlora: RunResult) -> str:
-    """One computed sentence: memory saved, step-time ratio and the loss difference."""
-    saving = 1.0 - qlora.peak_rss_mib / max(lora.peak_rss_mib, 1e-9)
+def conclusion(reference: RunResult, run: RunResult) -> str:
+    """One computed sentence: `run`'s memory saved, step-time ratio and loss difference against `reference`."""
+    saving = 1.0 - run.peak_rss_mib / max(reference.peak_rss_mib, 1e-9)
     memory = f"{abs(saving) * 100:.0f}% {'less' if saving >= 0 else 'more'} peak memory"
-    memory += f" ({qlora.peak_rss_mib:,.0f} vs {lora.peak_rss_mib:,.0f} MiB)"
-    ratio = qlora.median_step_time_s / max(lora.median_step_time_s, 1e-9)
-    text = f"QLoRA used {memory} than 16-bit LoRA at {ratio:.2f}× the step time"
-    if qlora.final_val_loss is not None and lora.final_val_loss is not None:
-        diff, kind = qlora.final_val_loss - lora.final_val_loss, "validation"
-        a, b = qlora.final_val_loss, lora.final_val_loss
+    memory += f" ({run.peak_rss_mib:,.0f} vs {reference.peak_rss_mib:,.0f} MiB)"
+    ratio = run.median_step_time_s / max(reference.median_step_time_s, 1e-9)
+    text = f"{run.label} used {memory} than {reference.label} at {ratio:.2f}× the step time"
+    if run.final_val_loss is not None and reference.final_val_loss is not None:
+        a, b, kind = run.final_val_loss, reference.final_val_loss, "validation"
     else:
-        a, b = qlora.summary.final_train_loss, lora.summary.final_train_loss
-        diff, kind = (None if a is None or b is None else a - b), "train"
-    if diff is None:
+        a, b, kind = run.summary.final_train_loss, reference.summary.final_train_loss, "train"
+    if a is None or b is None:
         return text + "."
-    return f"{text}; final {kind} loss differs by {diff:+.4f} ({a:.4f} vs {b:.4f})."
+    return f"{text}; final {kind} loss differs by {a - b:+.4f} ({a:.4f} vs {b:.4f})."
+
+
+def conclusions(runs: Sequence[RunResult]) -> list[str]:
+    """`conclusion` of every run after the first against the first."""
+    return [conclusion(runs[0], run) for run in runs[1:]]
+
+
+def _notes(runs: Sequence[RunResult], expected: Collection[str]) -> list[str]:
+    notes = [
+        "",
+        "Peak memory is the process's peak resident set size (VmHWM: loading, training and evaluation). "
+        "Step time counts forward, backward and optimizer work; throughput is input tokens per second of "
+        "training time. Trainable % is of all the model's parameters (a 4-bit weight counts 2 per byte); "
+        "saved weights are the `.safetensors` files the method wrote (the whole model for full "
+        "fine-tuning). Exact match and ROUGE-L compare greedy generations on held-out rows with their "
+        "reference answers. Quantization drift: the validation loss of the 4-bit base minus that of the "
+        "16-bit base before training, and where the same run exists on a 16-bit base, the difference of "
+        "their final validation losses. Without quantization the base weights are kept in the compute "
+        "dtype (16 bits with bfloat16 or float16 compute, 32 bits with float32).",
+    ]
+    differences = [f"{r.label}: {d}" for r in runs[1:] for d in setting_differences(runs[0], r, expected)]
+    if differences:
+        notes += ["", "**Warning: the runs differ in more than the method settings:**", ""]
+        notes += [f"- {d}" for d in differences]
+    return notes
 
 
 def build_report(
-    lora: RunResult, qlora: RunResult, commands: dict[str, str] | None = None, auto_dtype: str | None = None
+    *runs: RunResult,
+    commands: dict[str, str] | None = None,
+    auto_dtype: str | None = None,
+    expected: Collection[str] = _EXPECTED_DIFFERENCES,
 ) -> str:
-    """The Markdown report (pure: no file is read or written). `commands`: label -> the command that ran;
-    `auto_dtype`: what `quant.compute_dtype: auto` resolved to on the machine that trained."""
-    s = lora.summary
+    """The Markdown report of `runs` (pure: no file is read or written). `commands`: label -> the command
+    that ran; `auto_dtype`: what `quant.compute_dtype: auto` resolved to on the machine that trained;
+    `expected`: the config keys the runs are meant to differ in (the others are reported as a warning)."""
     header = [
-        "# 16-bit LoRA vs QLoRA",
+        f"# {' vs '.join(r.label for r in runs)}",
         "",
-        f"Base model `{s.base_model}`, LoRA r={s.lora_r} alpha={s.lora_alpha}; "
-        "the same data, seed and number of steps for both runs, each in its own process (so each peak "
-        "memory is that run's alone).",
+        f"Base model `{runs[0].summary.base_model}`; the same data, seed and number of steps for every run, "
+        "each in its own process (so each peak memory is that run's alone).",
         "",
-        f"**{conclusion(lora, qlora)}**",
+        *(f"**{sentence}**\n" for sentence in conclusions(runs)),
+        *method_table(runs),
         "",
-        "| Metric | 16-bit LoRA | QLoRA |",
-        "| --- | ---: | ---: |",
+        "## Details",
+        "",
+        "| Metric | " + " | ".join(r.label for r in runs) + " |",
+        "| --- |" + " ---: |" * len(runs),
     ]
-    body = [f"| {name} | {a} | {b} |" for name, a, b in table_rows(lora, qlora, auto_dtype)]
-    notes = [
-        "",
-        "Peak memory is the process's peak resident set size (loading, training and evaluation). Step time "
-        "counts forward, backward and optimizer work; throughput is input tokens per second of training "
-        "time. Exact match compares greedy generations on held-out rows with their reference answers. "
-        "Without quantization the base weights are kept in the compute dtype (16 bits with bfloat16 or "
-        "float16 compute, 32 bits with float32).",
-    ]
-    differences = setting_differences(lora, qlora)
-    if differences:
-        notes += ["", "**Warning: the runs differ in more than quantization:**", ""]
-        notes += [f"- {d}" for d in differences]
-    plots = ["", "## Plots", "", f"![Loss curves]({PLOTS['loss']})", "", f"![Peak memory]({PLOTS['memory']})"]
-    plots += ["", f"![Speed]({PLOTS['speed']})"]
-    runs = ["", "## Runs", ""]
-    for run in (lora, qlora):
-        runs.append(f"- {run.label}: `{run.folder}`")
+    body = ["| " + " | ".join(cells) + " |" for cells in table_rows(runs, auto_dtype)]
+    plots = ["", "## Plots", ""]
+    for key, title in (("loss", "Loss curves"), ("tradeoff", "Memory vs quality")):
+        plots += [f"![{title}]({PLOTS[key]})", ""]
+    plots += [f"![Peak memory]({PLOTS['memory']})", "", f"![Speed]({PLOTS['speed']})"]
+    lines = ["", "## Runs", ""]
+    for run in runs:
+        lines.append(f"- {run.label}: `{run.folder}`")
         if commands and run.label in commands:
-            runs.append(f"  - command: `{commands[run.label]}`")
-    return "\n".join(header + body + notes + plots + runs) + "\n"
+            lines.append(f"  - command: `{commands[run.label]}`")
+    return "\n".join(header + body + _notes(runs, expected) + plots + lines) + "\n"
 
 
-def require_matplotlib() -> Any:
-    """`matplotlib.pyplot` on the Agg backend, or DependencyError with the install command."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise DependencyError(
-            "the comparison plots need matplotlib: pip install matplotlib (or pip install 'qlorakit[metrics]')"
-        ) from exc
-    return plt
-
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    require_matplotlib().close(fig)
-    return buf.getvalue()
-
-
-def plot_loss_curves(runs: Sequence[RunResult]) -> bytes:
-    """Train (lines) and validation (markers) loss of every run against the step, one axes; PNG bytes."""
-    plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for i, run in enumerate(runs):
-        color = f"C{i}"
-        for split, style in (("train", "-"), ("val", "o--")):
-            rows = [r for r in run.records if r.get("split") == split and r.get("loss") is not None]
-            if rows:
-                ax.plot(
-                    [r["step"] for r in rows],
-                    [r["loss"] for r in rows],
-                    style,
-                    color=color,
-                    label=f"{run.label} {split}",
-                )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / label token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _png(fig)
-
-
-def _bars(ax: Any, runs: Sequence[RunResult], values: list[float], unit: str, fmt: str) -> None:
-    bars = ax.bar([r.label for r in runs], values, color=[f"C{i}" for i in range(len(runs))])
-    for bar, value in zip(bars, values, strict=True):
-        ax.annotate(
-            format(value, fmt),
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-        )
-    ax.set_ylabel(unit)
-    ax.margins(y=0.15)
-
-
-def plot_peak_memory(runs: Sequence[RunResult]) -> bytes:
-    plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    _bars(ax, runs, [r.peak_rss_mib for r in runs], "peak RSS (MiB)", ",.0f")
-    ax.set_title("Peak memory")
-    return _png(fig)
-
-
-def plot_speed(runs: Sequence[RunResult]) -> bytes:
-    """Median step time and training throughput side by side; PNG bytes."""
-    plt = require_matplotlib()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), dpi=100)
-    _bars(left, runs, [r.median_step_time_s for r in runs], "seconds per step (median)", ".3f")
-    left.set_title("Step time")
-    _bars(right, runs, [r.tokens_per_s for r in runs], "tokens / s", ",.1f")
-    right.set_title("Throughput")
-    fig.tight_layout()
-    return _png(fig)
+def read_runs(folders: Sequence[str | Path], methods: Sequence[CompareMethod]) -> list[RunResult]:
+    """The run folders, labelled by their methods (in the same order)."""
+    if len(folders) != len(methods):
+        raise ValueError(f"{len(folders)} run folders for {len(methods)} methods")
+    return [read_run(folder, m.label) for folder, m in zip(folders, methods, strict=True)]
 
 
 def write_report(
     out: str | Path,
-    lora_dir: str | Path,
-    qlora_dir: str | Path,
+    *folders: str | Path,
+    methods: Sequence[CompareMethod] | None = None,
     commands: dict[str, str] | None = None,
     auto_dtype: str | None = None,
 ) -> Path:
-    """Read both run folders and write `report.md` and the three PNG plots into `out`; returns the report.
+    """Read the run folders of `methods` (default: 16-bit LoRA, QLoRA), one per method in order, and write
+    `report.md` and the PNG plots into `out`; returns the report.
 
     `commands` and `auto_dtype` go into the report (see `build_report`)."""
     out = Path(out)
-    lora, qlora = read_run(lora_dir, "16-bit LoRA"), read_run(qlora_dir, "QLoRA")
-    runs = (lora, qlora)
-    images = {"loss": plot_loss_curves(runs), "memory": plot_peak_memory(runs), "speed": plot_speed(runs)}
-    for key, data in images.items():
-        atomic_write_bytes(out / PLOTS[key], data)
-    return atomic_write_text(out / REPORT, build_report(lora, qlora, commands, auto_dtype))
+    methods = methods if methods is not None else [COMPARE_METHODS[n] for n in DEFAULT_METHODS]
+    runs = read_runs(folders, methods)
+    expected = {"output.dir", *(key for m in methods for key in m.keys)}
+    images: dict[str, Callable[[Sequence[RunResult]], bytes]] = {
+        "loss": plot_loss_curves,
+        "memory": plot_peak_memory,
+        "speed": plot_speed,
+        "tradeoff": plot_memory_vs_quality,
+    }
+    for key, plot in images.items():
+        atomic_write_bytes(out / PLOTS[key], plot(runs))
+    report = build_report(*runs, commands=commands, auto_dtype=auto_dtype, expected=expected)
+    return atomic_write_text(out / REPORT, report)
+
+
+__all__ = [
+    "PLOTS",
+    "REPORT",
+    "Drift",
+    "RunResult",
+    "build_report",
+    "conclusion",
+    "conclusions",
+    "estimated_peak",
+    "median_step_time",
+    "quantization_drift",
+    "read_run",
+    "read_runs",
+    "rouge_before_after",
+    "setting_differences",
+    "table_rows",
+    "write_report",
+]

@@ -1,8 +1,11 @@
-"""`qlorakit compare`'s runs: 16-bit LoRA vs QLoRA on one config, each `qlorakit train` in its own process.
+"""`qlorakit compare`'s runs: fine-tuning methods on one config, each `qlorakit train` in its own process.
 
-The two trainings use the same data, seed and steps, once with `--quant.enabled=false` (16-bit base) and
-once with `--quant.enabled=true` (NF4 base); a process each, so each run's peak memory is its own. Then
-`qlorakit.tools.compare.write_report` turns the two run folders into `<out>/report.md` and the plots.
+Every run trains the same data with the same seed, steps and tokens: the user's config and overrides,
+then the method's own settings (`tools/compare_methods.py`: 16-bit LoRA is `--method=lora
+--quant.enabled=false`, QLoRA the same with `true`, ...) and its folder under `--out`. A process each, so
+each run's peak memory is its own. Then `qlorakit.tools.compare.write_report` turns the run folders into
+`<out>/report.md` and the plots. Every check (the method names, the config as each run will see it, the
+output folder, matplotlib) runs before the first training starts.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,19 +21,17 @@ import torch
 from qlorakit.config import load_config
 from qlorakit.core.errors import ConfigError, QLoraKitError
 from qlorakit.core.outputs import OutputPlan, check_output, claim_folder, disk_errors
-from qlorakit.tools.compare import PLOTS, REPORT, conclusion, read_run, require_matplotlib, write_report
+from qlorakit.tools.compare import PLOTS, REPORT, conclusions, read_runs, write_report
+from qlorakit.tools.compare_methods import CompareMethod, parse_methods
+from qlorakit.tools.compare_plots import require_matplotlib
 from qlorakit.train.recipe import resolve_compute_dtype
-
-# (folder name, report label, quant.enabled)
-RUNS = (("lora16", "16-bit LoRA", False), ("qlora", "QLoRA", True))
-_RESERVED = ("--quant.enabled=", "--output.dir=")
 
 
 class CompareRunError(QLoraKitError):
-    """One of the two training processes failed; its own error message is printed above this one."""
+    """One of the training processes failed; its own error message is printed above this one."""
 
 
-def train_command(config: str, overrides: list[str], quant: bool, out_dir: Path) -> list[str]:
+def train_command(config: str, overrides: list[str], method: CompareMethod, out_dir: Path) -> list[str]:
     """The `qlorakit train` command line of one run (the user's overrides first, the run's own last)."""
     return [
         sys.executable,
@@ -38,22 +40,44 @@ def train_command(config: str, overrides: list[str], quant: bool, out_dir: Path)
         "train",
         config,
         *overrides,
-        f"--quant.enabled={'true' if quant else 'false'}",
+        *method.overrides(),
         f"--output.dir={out_dir}",
     ]
 
 
-def check_compare(config: str, overrides: list[str], out: Path | None, overwrite: bool) -> OutputPlan:
-    """Validate the config, the overrides for both runs and the output folder before any training."""
-    clashes = [o for o in overrides if o.startswith(_RESERVED)]
+def run_overrides(overrides: list[str], max_steps: int | None) -> list[str]:
+    """The user's overrides plus `--max-steps N` as `--train.max_steps=N` (one of the two, not both)."""
+    if max_steps is None:
+        return list(overrides)
+    if max_steps < 1:
+        raise ConfigError(f"--max-steps: must be a positive number of optimizer steps, got {max_steps}")
+    given = [o for o in overrides if o.startswith("--train.max_steps=")]
+    if given:
+        raise ConfigError(f"--max-steps {max_steps} and {given[0]} both set the steps; keep one of them")
+    return [*overrides, f"--train.max_steps={max_steps}"]
+
+
+def check_compare(
+    config: str,
+    overrides: list[str],
+    out: Path | None,
+    overwrite: bool,
+    methods: Sequence[CompareMethod] | None = None,
+) -> OutputPlan:
+    """Validate the config and overrides as every run will see them, and the output folder, before any
+    training; `methods`: the runs (default: 16-bit LoRA and QLoRA)."""
+    methods = parse_methods(None) if methods is None else methods
+    reserved = {f"--{key}=" for m in methods for key in m.keys} | {"--output.dir="}
+    clashes = [o for o in overrides if o.startswith(tuple(reserved))]
     if clashes:
+        keys = ", ".join(sorted(r.strip("-=") for r in reserved))
         raise ConfigError(
-            f"{', '.join(clashes)}: compare sets quant.enabled and output.dir itself for each run; "
-            "drop the override (use --out DIR for the output folder)"
+            f"{', '.join(clashes)}: compare sets {keys} itself for each run; drop the override (use "
+            "--methods to choose the runs and --out DIR for the output folder)"
         )
     cfg = load_config(config, overrides)
-    for _, _, quant in RUNS:
-        load_config(config, [*overrides, f"--quant.enabled={'true' if quant else 'false'}"])
+    for method in methods:
+        load_config(config, [*overrides, *method.overrides()])
     inputs = [config, cfg.model.name, cfg.data.val_path, *(spec.path for spec in cfg.data.datasets)]
     target = out if out is not None else Path(f"{cfg.output.dir}-compare")
     return check_output(target, command="compare", mode="update", inputs=inputs, overwrite=overwrite)
@@ -82,7 +106,7 @@ def auto_dtype() -> str:
 
 
 def _check_fresh(folders: dict[str, Path]) -> None:
-    require_matplotlib()  # fail now, not after two trainings, when matplotlib is missing
+    require_matplotlib()  # fail now, not after the trainings, when matplotlib is missing
     for folder in folders.values():
         if folder.exists() and any(folder.iterdir()):
             raise ConfigError(
@@ -92,30 +116,40 @@ def _check_fresh(folders: dict[str, Path]) -> None:
 
 
 def compare_runs(
-    config: str, overrides: list[str], out: Path | None, *, report_only: bool = False, overwrite: bool = False
+    config: str,
+    overrides: list[str],
+    out: Path | None,
+    *,
+    methods: str | None = None,
+    max_steps: int | None = None,
+    report_only: bool = False,
+    overwrite: bool = False,
 ) -> str:
-    """Train both runs (unless `report_only`) and write the report; returns the closing message
-    (the computed conclusion and where the report is)."""
-    plan = check_compare(config, overrides, out, overwrite)
-    folders = {name: plan.path / name for name, _, _ in RUNS}
-    commands = {label: train_command(config, overrides, quant, folders[name]) for name, label, quant in RUNS}
+    """Train one run per method of `methods` ("lora,qlora,dora"; None: 16-bit LoRA and QLoRA) unless
+    `report_only`, and write the report; returns the closing message (the computed conclusions and where
+    the report is)."""
+    chosen = parse_methods(methods)
+    overrides = run_overrides(overrides, max_steps)
+    plan = check_compare(config, overrides, out, overwrite, chosen)
+    folders = {m.name: plan.path / m.folder for m in chosen}
+    commands = {m.label: train_command(config, overrides, m, folders[m.name]) for m in chosen}
     if not report_only:
         _check_fresh(folders)
     if not report_only or plan.path.is_dir():  # (--report-only without the folder fails reading the runs)
-        claim_folder(plan, [*folders, REPORT, *PLOTS.values()])
+        claim_folder(plan, [m.folder for m in chosen] + [REPORT, *PLOTS.values()])
     if not report_only:
-        for _, label, _ in RUNS:
-            _run_one(commands[label], label)
+        for m in chosen:
+            _run_one(commands[m.label], m.label)
     with disk_errors(plan):
         report = write_report(
             plan.path,
-            folders["lora16"],
-            folders["qlora"],
+            *folders.values(),
+            methods=chosen,
             commands=None if report_only else {label: shlex.join(c) for label, c in commands.items()},
             auto_dtype=auto_dtype(),
         )
-    lora, qlora = read_run(folders["lora16"], RUNS[0][1]), read_run(folders["qlora"], RUNS[1][1])
-    return f"\n{conclusion(lora, qlora)}\nreport: {report} (plots beside it)"
+    sentences = conclusions(read_runs(list(folders.values()), chosen))
+    return "\n" + "".join(s + "\n" for s in sentences) + f"report: {report} (plots beside it)"
 
 
-__all__ = ["RUNS", "CompareRunError", "check_compare", "compare_runs", "train_command"]
+__all__ = ["CompareRunError", "check_compare", "compare_runs", "run_overrides", "train_command"]

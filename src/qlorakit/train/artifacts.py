@@ -55,6 +55,12 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> list[str]:
     return names
 
 
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the `.safetensors` files directly in `folder`: the trained weights a method saved there
+    (the tokenizer, config and metrics beside them are not counted; nor are `checkpoints/` and `best/`)."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.is_file())
+
+
 def _save_best_adapter(model: nn.Module, cfg: Config, state: LoopState, root: Path, out: Path) -> Path | None:
     """When the best validation step is not the last one, also write its adapter to `<out>/best/`."""
     if state.best_step is None or state.best_step == state.step:
@@ -84,16 +90,18 @@ def write_outputs(
     """Adapter (PEFT format), best adapter, tokenizer, resolved config, loss curve, summary (rank 0);
     returns the summary as written (with the loss curve's file name when one was plotted)."""
     out = Path(cfg.output.dir)
-    method_of_config(cfg).save(model, out, cfg)
+    saved = method_of_config(cfg).save(model, out, cfg)
     _save_best_adapter(model, cfg, state, out / "checkpoints", out)
     save_tokenizer(tokenizer, out)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     plotted = plot_loss_curve(records, out / PLOT) if cfg.output.plot else None
     # the README lists only files written
-    summary = dataclasses.replace(summary, loss_curve=PLOT if plotted is not None else None)
+    summary = dataclasses.replace(
+        summary, loss_curve=PLOT if plotted is not None else None, output_bytes=weights_bytes(saved)
+    )
     summary.write(out)
     atomic_write_text(out / "README.md", render_summary(summary))
     return summary
 
 
-__all__ = ["TRAIN_OUTPUTS", "save_tokenizer", "write_outputs"]
+__all__ = ["TRAIN_OUTPUTS", "save_tokenizer", "weights_bytes", "write_outputs"]

@@ -29,7 +29,7 @@ from qlorakit.data import (
     collate,
     reference_answer,
 )
-from qlorakit.lora.inject import prepare_for_kbit_training
+from qlorakit.lora.inject import count_parameters, prepare_for_kbit_training
 from qlorakit.methods import base_only, method_of_config
 from qlorakit.models.decode import pad_token_id
 from qlorakit.models.load import resolve_compute_dtype
@@ -192,6 +192,7 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     compute_dtype = resolve_compute_dtype(cfg.quant.compute_dtype, ctx.device)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
     model, tokenizer, inject_report = build_model(cfg, compute_dtype, ctx)
+    params = count_parameters(model)  # before DDP wraps it; the same for every method
     data = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     _say(ctx, f"model: {cfg.model.name}; {inject_report}\n{data.stats.summary()}")
     collate_fn = _collate_fn(tokenizer)
@@ -210,7 +211,7 @@ def _run(cfg: Config, ctx: DistContext) -> TrainOutcome:
     after = check_held_out(model, tokenizer, data, cfg, ctx, collate_fn, settings)
     summary = None
     if ctx.is_main:
-        summary = _summary(cfg, ctx, data, result, before, after, inject_report, steps, started)
+        summary = _summary(cfg, ctx, data, result, before, after, (inject_report, params), steps, started)
         summary = write_outputs(cfg, model, tokenizer, result.state, records, summary)
         print(format_console(summary), flush=True)
     barrier(ctx)
@@ -296,10 +297,12 @@ def _summary(
     result: LoopResult,
     before: HeldOutCheck,
     after: HeldOutCheck,
-    inject_report: str,
+    injected: tuple[str, tuple[int, int]],
     steps: int,
     started: float,
 ) -> RunSummary:
+    """The run's summary; `injected` is (the method's inject report, (trainable, total) parameters)."""
+    inject_report, (trainable, total) = injected
     records = held_out_records(data.val_records, cfg.output.samples)
     gens = tuple(
         HeldOutGeneration(
@@ -337,4 +340,6 @@ def _summary(
         train_time_s=st.train_time_s,
         tokens_per_s=st.tokens / max(st.train_time_s, 1e-9),
         peak_rss_mib=peak_rss_mib(),
+        trainable_params=trainable,
+        total_params=total,
     )

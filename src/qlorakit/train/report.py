@@ -66,6 +66,21 @@ class RunSummary:
     peak_rss_mib: float
     loss_curve: str | None = None
     """The loss-curve PNG's file name when it was written."""
+    trainable_params: int | None = None
+    """Parameters the optimizer updated (None in summaries written before this field existed)."""
+    total_params: int | None = None
+    """All parameters of the model being trained, a 4-bit packed weight counting 2 per byte (as PEFT's
+    `print_trainable_parameters` does), the method's own included."""
+    output_bytes: int | None = None
+    """Size on disk of the trained weights the run saved (the `.safetensors` files of the method's output:
+    the adapter, or the whole model for full fine-tuning)."""
+
+    @property
+    def trainable_percent(self) -> float | None:
+        """100 * trainable / total parameters; None when the counts were not recorded."""
+        if self.trainable_params is None or not self.total_params:
+            return None
+        return 100.0 * self.trainable_params / self.total_params
 
     def to_json(self) -> dict[str, Any]:
         """The plain-data form written to summary.json (field order = key order)."""
@@ -77,7 +92,9 @@ class RunSummary:
         if not isinstance(data, Mapping):
             raise CheckpointError(f"{source} is not a JSON object; was it written by qlorakit train?")
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data and n != "loss_curve"]
+        # fields with a default came later: a summary from an older qlorakit has none of them
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
         if missing:
             raise CheckpointError(f"{source} has no {', '.join(missing)}; was it written by qlorakit train?")
         values = {n: data[n] for n in names if n in data}
