@@ -5,5 +5,6 @@
 - `helpers.cli`: a tiny project on disk (model folder, data, train.yaml) and running the real CLI in
   subprocesses;
 - `helpers.tinytrain`: the training loop on a tiny LoRA model, without the CLI;
+- `helpers.configs`: published model configs (Llama-2-7B, Llama-3-70B) for shape-only tests;
 - `helpers.compare`: run folders for `qlorakit compare` (synthetic, or a tiny project to train).
 """
